@@ -1,0 +1,302 @@
+"""The command layer every dtools command shares.
+
+Common options (--home, --config, -q, -v, --debug, --version, -h), the entry wrapper
+that turns exceptions into one stderr line and an exit status, BrokenPipe and Ctrl-C
+handling, logging to stderr and progress bars that appear only on a terminal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import click
+
+from . import __version__, records
+from .config import Config
+from .errors import (
+    EX_FAILED,
+    EX_INTERRUPTED,
+    EX_OK,
+    EX_PIPE,
+    EX_SOFTWARE,
+    EX_TERMINATED,
+    EX_USAGE,
+    DtoolsError,
+)
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class _PipeClosed(Exception):
+    """stdout was closed by the reader; raised instead of BrokenPipeError so click leaves it alone."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived; raised like KeyboardInterrupt so that transactions roll back cleanly."""
+
+
+class App:
+    """What a command knows about its run: options, settings, output and the failure count."""
+
+    def __init__(self, prog: str, home: str | None, config: str | None, quiet: bool, verbose: int, debug: bool):
+        self.prog = prog
+        self._home = home
+        self._config_file = config
+        self.quiet = quiet
+        self.verbose = verbose
+        self.debug = debug
+        self.failures = 0
+        self._config: Config | None = None
+        self.log = logging.getLogger("dtools")
+        _setup_logging(prog, quiet, verbose, debug)
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = Config(self._home, self._config_file)
+        return self._config
+
+    @property
+    def home(self) -> Path:
+        return self.config.home
+
+    # -- output -----------------------------------------------------------------
+    def emit(self, record: dict) -> None:
+        """Write one record on stdout (flushed)."""
+        records.write(record)
+
+    def fail(self, what: Any, reason: str) -> None:
+        """Report one failed input as ``prog: <input>: <reason>`` and carry on."""
+        self.failures += 1
+        self.err(f"{what}: {reason}")
+
+    def err(self, message: str) -> None:
+        sys.stderr.write(f"{self.prog}: {message}\n")
+        sys.stderr.flush()
+
+    def info(self, message: str) -> None:
+        """A summary line: shown unless --quiet."""
+        if not self.quiet:
+            self.err(message)
+
+    # -- input ------------------------------------------------------------------
+    def read_records(self, null: bool = False) -> Iterator[dict]:
+        """Records (or paths) from stdin; says so when stdin is a terminal instead of hanging."""
+        if sys.stdin is None:
+            return iter(())
+        if sys.stdin.isatty():
+            self.err("reading records or paths from standard input (end with Ctrl-D)")
+        return records.read(sys.stdin.buffer, null=null, on_error=lambda line, why: self.fail(f"line {line!r}", why))
+
+    # -- progress ---------------------------------------------------------------
+    @property
+    def interactive(self) -> bool:
+        return not self.quiet and sys.stderr.isatty()
+
+    @contextlib.contextmanager
+    def progress(self, description: str, total: float | None = None, unit: str = "files") -> Iterator[Callable[..., None]]:
+        """Yield ``advance(n=1, total=None)``; draws a rich bar on stderr only on a terminal."""
+        if not self.interactive:
+            yield lambda n=1, total=None: None
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TransferSpeedColumn,
+        )
+
+        columns: list[Any] = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn()]
+        columns.append(TransferSpeedColumn() if unit == "bytes" else MofNCompleteColumn())
+        columns.append(TimeElapsedColumn())
+        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task(description, total=total)
+
+            def advance(n: float = 1, total: float | None = None) -> None:
+                if total is not None:
+                    bar.update(task, total=total)
+                bar.advance(task, n)
+
+            yield advance
+
+
+def _setup_logging(prog: str, quiet: bool, verbose: int, debug: bool) -> None:
+    logger = logging.getLogger("dtools")
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{prog}: %(message)s"))
+    logger.addHandler(handler)
+    logger.propagate = False
+    if debug or verbose >= 2:
+        logger.setLevel(logging.DEBUG)
+    elif verbose:
+        logger.setLevel(logging.INFO)
+    elif quiet:
+        logger.setLevel(logging.ERROR)
+    else:
+        logger.setLevel(logging.WARNING)
+
+
+# -- option bundles -------------------------------------------------------------
+def common_options(f: Callable) -> Callable:
+    """--home, --config, -q, -v, --debug: the same in every command."""
+    opts = [
+        click.option("--home", type=click.Path(file_okay=False), metavar="DIR", default=None,
+                     help="Site home directory [env DTOOLS_HOME; default $XDG_DATA_HOME/dtools]."),
+        click.option("--config", type=click.Path(dir_okay=False), metavar="FILE", default=None,
+                     help="Config file [env DTOOLS_CONFIG; default HOME/config.toml]."),
+        click.option("-q", "--quiet", is_flag=True, help="Print no summary or notices on stderr."),
+        click.option("-v", "--verbose", count=True, help="More detail on stderr (-vv for debug logs)."),
+        click.option("--debug", is_flag=True, help="Show Python tracebacks for internal errors."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def null_option(f: Callable) -> Callable:
+    return click.option("-0", "--null", "null", is_flag=True,
+                        help="Paths on stdin are separated by NUL (find -print0).")(f)
+
+
+def command(prog: str, **kwargs: Any) -> Callable[[Callable], click.Command]:
+    """Decorator: a click command named ``prog`` whose callback receives an App first.
+
+    The callback returns an exit status or None; None means 0, or 1 if any input failed.
+    """
+
+    def deco(f: Callable) -> click.Command:
+        @functools.wraps(f)
+        def callback(home, config, quiet, verbose, debug, **opts):
+            app = App(prog, home, config, quiet, verbose, debug)
+            try:
+                rv = f(app, **opts)
+            except BrokenPipeError:
+                raise _PipeClosed() from None
+            if rv is None:
+                rv = EX_FAILED if app.failures else EX_OK
+            return rv
+
+        cmd_f = common_options(callback)
+        cmd_f = click.version_option(__version__, "--version", prog_name=prog,
+                                     message="%(prog)s (dtools) %(version)s")(cmd_f)
+        return click.command(prog, context_settings=CONTEXT_SETTINGS, **kwargs)(cmd_f)
+
+    return deco
+
+
+def group(prog: str, **kwargs: Any) -> Callable[[Callable], click.Group]:
+    """Like ``command`` for a command with subcommands (dseal keygen/peers)."""
+
+    def deco(f: Callable) -> click.Group:
+        @functools.wraps(f)
+        def callback(home, config, quiet, verbose, debug, **opts):
+            app = App(prog, home, config, quiet, verbose, debug)
+            click.get_current_context().obj = app
+            try:
+                rv = f(app, **opts)
+            except BrokenPipeError:
+                raise _PipeClosed() from None
+            return rv
+
+        cmd_f = common_options(callback)
+        cmd_f = click.version_option(__version__, "--version", prog_name=prog,
+                                     message="%(prog)s (dtools) %(version)s")(cmd_f)
+        return click.group(prog, context_settings=CONTEXT_SETTINGS, **kwargs)(cmd_f)
+
+    return deco
+
+
+def _on_sigterm(signum, frame):  # pragma: no cover - exercised through subprocess tests
+    raise Terminated()
+
+
+def entry(cmd: click.Command) -> Callable[[Iterable[str] | None], int]:
+    """The console-script entry point: ``main(args=None) -> int``, callable in-process."""
+    prog = cmd.name or "dtools"
+
+    def main(args: Iterable[str] | None = None) -> int:
+        argv = sys.argv[1:] if args is None else list(args)
+        debug = "--debug" in argv
+        in_main_thread = _main_thread()
+        old = None
+        if in_main_thread:
+            old = signal.signal(signal.SIGTERM, _on_sigterm)
+        try:
+            rv = cmd.main(argv, prog_name=prog, standalone_mode=False)
+            code = rv if isinstance(rv, int) else EX_OK
+            _flush_stdout()
+            return code
+        except click.UsageError as exc:
+            hint = f" (see '{prog} --help')"
+            sys.stderr.write(f"{prog}: {exc.format_message()}{hint}\n")
+            return EX_USAGE
+        except click.ClickException as exc:
+            sys.stderr.write(f"{prog}: {exc.format_message()}\n")
+            return exc.exit_code
+        except DtoolsError as exc:
+            sys.stderr.write(f"{prog}: {exc}\n")
+            if debug:
+                traceback.print_exc()
+            return exc.exit_code
+        except (_PipeClosed, BrokenPipeError):
+            _silence_stdout()
+            return EX_PIPE
+        except (KeyboardInterrupt, click.Abort):
+            sys.stderr.write(f"{prog}: interrupted\n")
+            return EX_INTERRUPTED
+        except Terminated:
+            sys.stderr.write(f"{prog}: terminated\n")
+            return EX_TERMINATED
+        except Exception as exc:  # a bug: one line unless --debug
+            if debug:
+                traceback.print_exc()
+            sys.stderr.write(
+                f"{prog}: internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)\n"
+            )
+            return EX_SOFTWARE
+        finally:
+            if in_main_thread and old is not None:
+                signal.signal(signal.SIGTERM, old)
+
+    return main
+
+
+def run(cmd: click.Command) -> None:
+    """``sys.exit(entry(cmd)())`` for ``python -m``."""
+    sys.exit(entry(cmd)())
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _flush_stdout() -> None:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+
+
+def _silence_stdout() -> None:
+    # Python flushes stdout again at exit; point it at devnull so that flush is quiet.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass

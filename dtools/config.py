@@ -1,0 +1,135 @@
+"""A site's home directory and its settings.
+
+Precedence, highest first: command-line flags, ``DTOOLS_*`` environment variables,
+``config.toml``, built-in defaults. ``Config.get("relay.url")`` reads the variable
+``DTOOLS_RELAY_URL`` and then ``[relay] url`` in the file.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+SUBDIRS = ("archive", "keys", "outbox", "inbox", "spool")
+_MISSING = object()
+
+
+def default_home() -> Path:
+    env = os.environ.get("DTOOLS_HOME")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(xdg) / "dtools"
+
+
+def env_name(key: str) -> str:
+    return "DTOOLS_" + key.upper().replace(".", "_").replace("-", "_")
+
+
+class Config:
+    """Settings of one site: its home directory and the parsed ``config.toml``."""
+
+    def __init__(self, home: Path | str | None = None, config_file: Path | str | None = None):
+        self.home = Path(home).expanduser().absolute() if home else default_home().absolute()
+        explicit = config_file is not None or bool(os.environ.get("DTOOLS_CONFIG"))
+        if config_file is None:
+            config_file = os.environ.get("DTOOLS_CONFIG") or self.home / "config.toml"
+        self.path = Path(config_file).expanduser()
+        self.data: dict[str, Any] = {}
+        if self.path.exists():
+            try:
+                with open(self.path, "rb") as f:
+                    self.data = tomllib.load(f)
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{self.path}: not valid TOML ({exc}); fix the file or point --config elsewhere") from None
+            except OSError as exc:
+                raise ConfigError(f"{self.path}: cannot read config ({exc.strerror})") from None
+        elif explicit:
+            raise ConfigError(f"{self.path}: config file not found; check --config or DTOOLS_CONFIG")
+
+    # -- values -----------------------------------------------------------------
+    def file_value(self, key: str, default: Any = None) -> Any:
+        node: Any = self.data
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+    def get(self, key: str, default: Any = None, flag: Any = None, type: Any = None) -> Any:
+        """The setting ``key``: the flag if given, else the environment, else the file, else default."""
+        if flag is not None:
+            return flag
+        env = os.environ.get(env_name(key))
+        if env is not None and env != "":
+            value: Any = env
+        else:
+            value = self.file_value(key, _MISSING)
+            if value is _MISSING:
+                return default
+        if type is not None and value is not None:
+            try:
+                value = type(value)
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"setting {key} = {value!r} is not a valid {type.__name__}; "
+                    f"fix {env_name(key)} or [{key.rsplit('.', 1)[0]}] in {self.path}"
+                ) from None
+        return value
+
+    def section(self, name: str) -> dict[str, Any]:
+        value = self.file_value(name, {})
+        return value if isinstance(value, dict) else {}
+
+    def secret(self, key: str) -> str | None:
+        """A secret named by ``key``: ``DTOOLS_<KEY>`` in the environment, or the file
+        named by ``<key>_file`` (config or ``DTOOLS_<KEY>_FILE``). Never from argv."""
+        env = os.environ.get(env_name(key))
+        if env:
+            return env
+        path = self.get(key + "_file")
+        if not path:
+            return None
+        p = Path(str(path)).expanduser()
+        if not p.is_absolute():
+            p = self.home / p
+        try:
+            return p.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"{p}: cannot read secret file for {key} ({exc.strerror}); check {key}_file") from None
+
+    # -- paths --------------------------------------------------------------------
+    def dir(self, name: str, create: bool = True) -> Path:
+        """A directory in the home (archive, keys, outbox, inbox, spool), created on demand."""
+        path = self.home / name
+        if create:
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                if name == "keys":
+                    path.chmod(0o700)
+            except OSError as exc:
+                raise ConfigError(f"{path}: cannot create directory ({exc.strerror}); check --home or DTOOLS_HOME") from None
+        return path
+
+    def ensure_home(self) -> Path:
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"{self.home}: cannot create home ({exc.strerror}); check --home or DTOOLS_HOME") from None
+        return self.home
+
+    @property
+    def index_path(self) -> Path:
+        value = self.get("index.path")
+        if value:
+            p = Path(str(value)).expanduser()
+            return p if p.is_absolute() else self.home / p
+        return self.home / "index.db"
+
+    @property
+    def site_name(self) -> str | None:
+        return self.get("site.name")

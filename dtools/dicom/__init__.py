@@ -1,0 +1,1 @@
+"""DICOM files: header parsing into records, charset handling and the archive layout."""

@@ -1,0 +1,124 @@
+"""The archive layout ``archive/<Study>/<Series>/<SOP>.dcm`` and crash-safe writes into it.
+
+Every name that arrives in a payload is checked here before it becomes a path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import IO, Iterable
+
+from ..errors import InputError
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def check_uid(value: object, what: str = "UID") -> str:
+    """A DICOM UID safe to use as a file name: digits and dots, at most 64 characters."""
+    if not isinstance(value, str):
+        raise InputError(f"{what} is missing")
+    uid = value.strip().rstrip("\0").strip()
+    if not uid or len(uid) > 64 or not _UID.match(uid):
+        raise InputError(f"{what} {value[:80]!r} is not a valid DICOM UID")
+    return uid
+
+
+def archive_path(root: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+    """Where an instance lives under ``root`` (the home's archive/)."""
+    return (
+        Path(root)
+        / check_uid(study_uid, "StudyInstanceUID")
+        / check_uid(series_uid, "SeriesInstanceUID")
+        / (check_uid(sop_uid, "SOPInstanceUID") + ".dcm")
+    )
+
+
+def check_relative_name(name: str) -> str:
+    """A relative name from a payload: no absolute path, no '..', no empty or odd parts."""
+    if not name or "\0" in name or name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        raise InputError(f"unsafe name {name[:80]!r} in payload")
+    parts = name.replace("\\", "/").split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise InputError(f"unsafe name {name[:80]!r} in payload")
+    return "/".join(parts)
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class AtomicFile:
+    """A file written to a temporary name beside its target, fsynced, then renamed.
+
+    Use as a context manager; on an exception (or SIGTERM/Ctrl-C) the temporary file is
+    removed and the target is untouched. The target's directories are created, and
+    must not be symlinks.
+    """
+
+    def __init__(self, target: Path, mode: int = 0o644):
+        self.target = Path(target)
+        self.mode = mode
+        self.tmp = self.target.parent / f".{self.target.name}.{secrets.token_hex(6)}.tmp"
+        self.file: IO[bytes] | None = None
+
+    def __enter__(self) -> IO[bytes]:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), self.mode)
+        self.file = os.fdopen(fd, "wb")
+        return self.file
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self.file is not None
+        try:
+            if exc_type is None:
+                self.file.flush()
+                os.fsync(self.file.fileno())
+            self.file.close()
+            if exc_type is None:
+                os.replace(self.tmp, self.target)
+                fsync_dir(self.target.parent)
+        finally:
+            if self.tmp.exists():
+                try:
+                    self.tmp.unlink()
+                except OSError:
+                    pass
+
+
+def write_atomic(target: Path, data: bytes | Iterable[bytes], mode: int = 0o644) -> Path:
+    """Write bytes (or an iterable of chunks) to ``target`` atomically and durably."""
+    with AtomicFile(target, mode) as f:
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            f.write(data)
+        else:
+            for chunk in data:
+                f.write(chunk)
+    return Path(target)
+
+
+def clean_stale_temporaries(root: Path) -> int:
+    """Remove ``.*.tmp`` files left by a killed process under ``root``; returns how many."""
+    n = 0
+    if not Path(root).exists():
+        return 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            if name.startswith(".") and name.endswith(".tmp"):
+                try:
+                    os.unlink(os.path.join(dirpath, name))
+                    n += 1
+                except OSError:
+                    pass
+    return n

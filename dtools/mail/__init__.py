@@ -1,0 +1,1 @@
+"""Relay transports (IMAP, Maildir), message parts and the outbox ledger."""

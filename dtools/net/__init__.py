@@ -1,0 +1,1 @@
+"""pynetdicom wiring for the DICOM SCP and SCU."""

@@ -1,0 +1,1 @@
+"""Envelopes: format, keys and peers."""
