@@ -31,10 +31,21 @@ IDLE = object()  # stdin has nothing to read right now: commit what we have
 
 
 # -- worker side ---------------------------------------------------------------------
-def _worker_init() -> None:
+def _worker_init(parent: int) -> None:
     # Ctrl-C and SIGTERM are the parent's to handle; it shuts the pool down.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # A parent killed with SIGKILL cannot shut the pool down: die with it instead of
+    # waiting forever for work (Linux; elsewhere the pool's own checks apply).
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _parse_chunk(items: list[tuple[str, int]]) -> list:
@@ -190,7 +201,7 @@ class Run:
             return
         if self.jobs > 1:
             if self.pool is None:
-                self.pool = ProcessPoolExecutor(max_workers=self.jobs, initializer=_worker_init)
+                self.pool = ProcessPoolExecutor(max_workers=self.jobs, initializer=_worker_init, initargs=(os.getpid(),))
             fut = self.pool.submit(_parse_chunk, [(p, st.st_size) for p, st, _ in items])
         else:
             fut = Future()

@@ -102,7 +102,8 @@ def _print_table(app: cli.App, level: str, results, columns: list[str]) -> None:
             row.append("" if v is None else ("\\".join(map(str, v)) if isinstance(v, list) else str(v)))
         t.add_row(*row)
         n += 1
-    Console().print(t)
+    # piped tables (dsearch --table | less) should not wrap at 80 columns
+    Console(width=None if sys.stdout.isatty() else 200).print(t)
     app.info(f"{n} {level}(s)")
 
 

@@ -54,7 +54,7 @@ def vr_of(keyword: str) -> str:
 def is_multivalued(keyword: str) -> bool:
     try:
         return dictionary_VM(keyword) != "1"
-    except KeyError:
+    except (KeyError, ValueError):
         return False
 
 
@@ -92,11 +92,19 @@ class Query:
 
 def _check_range_part(vr: str, part: str, key: str) -> None:
     pattern = {"DA": _DATE, "TM": _TIME, "DT": _DATETIME}[vr]
-    if part and not pattern.match(part):
+    if part and (not pattern.match(part) or not _plausible(vr, part)):
         example = {"DA": "20260101-20260131", "TM": "080000-120000", "DT": "20260101080000-20260101120000"}[vr]
         raise UsageError(
             f"{key}={part!r}: not a valid {vr} value; use a single value or a range like {key}={example}"
         )
+
+
+def _plausible(vr: str, value: str) -> bool:
+    if vr == "DA":
+        return "01" <= value[4:6] <= "12" and "01" <= value[6:8] <= "31"
+    if vr == "TM":
+        return value[:2] <= "23" and value[2:4] <= "59" and value[4:6] <= "60"
+    return True
 
 
 def _pad_upper(vr: str, value: str) -> str:
@@ -225,14 +233,15 @@ def build_where(q: Query) -> tuple[str, list]:
     params: list = []
     qd = _depth(q.level)
     lower: list[Condition] = []
-    for c in q.conditions:
+    conditions = list(q.conditions)
+    if q.text:
+        conditions.append(Condition("instance", "{a}.id IN (SELECT rowid FROM instance_text WHERE instance_text MATCH ?)", [q.text]))
+    for c in conditions:
         if _depth(c.level) <= qd:
             parts.append(c.sql.format(a=ALIAS[c.level]))
             params.extend(c.params)
         else:
             lower.append(c)
-    if q.text:
-        lower.append(Condition("instance", "{a}.id IN (SELECT rowid FROM instance_text WHERE instance_text MATCH ?)", [q.text]))
     if lower:
         deepest = max(_depth(c.level) for c in lower)
         # rows below the query level: join down from the deepest level needed up to the
