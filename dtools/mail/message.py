@@ -95,8 +95,7 @@ def build(kind: str, envelope_id: str, sender: str, to: str, payload: bytes | me
         text = "Signed dtools delivery receipt. It holds no patient data.\r\n"
     else:
         subject = f"dtools envelope {envelope_id} part {part}/{total}"
-        text = ("One part of a sealed dtools envelope. The attachment is encrypted; "
-                "dmail-recv reassembles it.\r\n")
+        text = "One part of a sealed dtools envelope.\r\nThe attachment is encrypted; dmail-recv reassembles it.\r\n"
     fields = [
         ("From", f"dtools {sender} <{sender}@dtools.invalid>"),
         ("To", f"dtools {to} <{to}@dtools.invalid>"),
@@ -117,7 +116,7 @@ def build(kind: str, envelope_id: str, sender: str, to: str, payload: bytes | me
         fields.append((H_ENV_BYTES, str(envelope_bytes)))
     if signature is not None:
         fields.append((H_SIGNATURE, base64.b64encode(signature).decode("ascii")))
-    fields.append(("Content-Type", f'multipart/mixed; boundary="{boundary}"'))
+    fields.append(("Content-Type", f'multipart/mixed;\r\n boundary="{boundary}"'))
     name = filename or (f"{envelope_id}.{part:05d}.part" if kind == KIND_ENVELOPE else f"{envelope_id}.receipt.json")
     out = bytearray(_headers(fields))
     out += b"\r\n"
