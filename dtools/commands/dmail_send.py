@@ -13,6 +13,7 @@ from ..errors import InputError, UsageError
 from ..mail import message as msg
 from ..mail.common import RunLock, parse_age
 from ..mail.ledger import Ledger, ledger_path
+from ..mail.relay import relay_for
 from ..mail.sender import Sender, envelope_id_of, require_site
 
 MIB = 1024 * 1024
@@ -69,6 +70,7 @@ def cmd(app: cli.App, relay, to, max_message_size, retry, receipts, insecure):
             msg.check_site(peer, "--to peer")
         except InputError as exc:
             raise UsageError(str(exc)) from None
+    relay_for(config, relay)  # a bad address is a usage error before any input is read
     ledger = Ledger(ledger_path(config.home))
     sender = Sender(config, ledger, site, relay_flag=relay, max_message_size=size, insecure=insecure)
     try:

@@ -111,8 +111,7 @@ class Sender:
                 appended += 1
                 advance(min(part_size, size - (i - 1) * part_size))
         self.ledger.complete(envelope_id, peer)
-        status = "sent" if appended == total else ("resent" if retry and appended else
-                                                   "sent" if appended else "already-sent")
+        status = ("resent" if retry else "sent") if appended else "already-sent"
         rec = self._record(self.ledger.sent(envelope_id, peer), status)
         rec["appended"] = appended
         return rec
