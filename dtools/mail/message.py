@@ -30,7 +30,8 @@ H_PART_SHA = "X-Dtools-Part-SHA256"
 H_ENV_SHA = "X-Dtools-Envelope-SHA256"
 H_ENV_BYTES = "X-Dtools-Envelope-Bytes"
 H_SIGNATURE = "X-Dtools-Signature"
-HEADER_FIELDS = (H_KIND, H_ENVELOPE, H_FROM, H_TO, H_PART, H_PART_SHA, H_ENV_SHA, H_ENV_BYTES, "Message-ID")
+HEADER_FIELDS = (H_KIND, H_ENVELOPE, H_FROM, H_TO, H_PART, H_PART_SHA, H_ENV_SHA, H_ENV_BYTES, H_SIGNATURE,
+                 "Message-ID")
 
 # Room left in --max-message-size for headers, the text part and MIME boundaries.
 HEADER_ALLOWANCE = 4096
