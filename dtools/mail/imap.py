@@ -167,6 +167,13 @@ class ImapMailbox:
         name = self._ensure(folder)
         info = self.client.select_folder(name)
         self.current = name
+        # Flagged by a run killed before its EXPUNGE; only we flag, and only after storing.
+        leftover = self.client.search(["DELETED"])
+        if leftover:
+            if self.client.has_capability("UIDPLUS"):
+                self.client.uid_expunge(leftover)
+            else:
+                self.client.expunge()
         return int(info.get(b"UIDVALIDITY", 0))
 
     @_guard

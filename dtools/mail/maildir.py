@@ -49,6 +49,7 @@ class MaildirMailbox:
         mid = parse_header_fields(head.split(b"\r\n\r\n", 1)[0]).get("message-id", "")
         path = self._dir(folder)
         name = _name(mid) if mid else f"{time.time_ns()}.{os.getpid()}.dtools"
+        self._clear_attempts(path, [name])
         if (path / "new" / name).exists() or any((path / "cur").glob(name + ":*")) or (path / "cur" / name).exists():
             return
         tmp = path / "tmp" / f"{name}.{os.getpid()}.{time.time_ns()}"
@@ -70,13 +71,34 @@ class MaildirMailbox:
             except OSError:
                 pass
 
+    @staticmethod
+    def _clear_attempts(path: Path, names: list[str]) -> None:
+        # Only earlier, killed attempts at these messages use these names; the send lock
+        # keeps a second writer of the same message away.
+        wanted = set(names)
+        for entry in os.scandir(path / "tmp"):
+            if entry.name.rsplit(".", 2)[0] in wanted:
+                try:
+                    os.unlink(entry.path)
+                except OSError:
+                    pass
+
     def present(self, folder: str, envelope_id: str, message_ids: list[str]) -> set[str]:
         path = self._dir(folder)
+        self._clear_attempts(path, [_name(m) for m in message_ids])
         have = {n.split(":", 1)[0] for sub in ("new", "cur") for n in os.listdir(path / sub)}
         return {m for m in message_ids if _name(m) in have}
 
     def select(self, folder: str) -> int:
         self.current = self._dir(folder)
+        # The Maildir rule: files left in tmp/ for 36 hours are debris of killed writers.
+        cutoff = time.time() - 36 * 3600
+        for p in (self.current / "tmp").iterdir():
+            try:
+                if p.stat().st_mtime < cutoff:
+                    p.unlink()
+            except OSError:
+                pass
         return 1
 
     def _files(self) -> list[Path]:

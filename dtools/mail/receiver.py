@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import time
 from collections import defaultdict
@@ -52,6 +53,7 @@ class Receiver:
     # -- one pass -----------------------------------------------------------------
     def sync(self) -> None:
         self._emit_pending()
+        self._sweep_spool()
         uidvalidity = self.box.select(self.folder)
         old = self.ledger.uidvalidity(self.url.display, self.folder)
         if old is not None and old != uidvalidity:
@@ -77,6 +79,12 @@ class Receiver:
         for uid, h in receipts:
             self._receipt(uid, h)
         self._report_stale()
+
+    def _sweep_spool(self) -> None:
+        # A run killed between storing an envelope and clearing its parts leaves them here.
+        for entry in os.scandir(self.spool):
+            if entry.is_dir(follow_symlinks=False) and self.ledger.received(entry.name) is not None:
+                shutil.rmtree(entry.path, ignore_errors=True)
 
     def _remove(self, uids: list[str]) -> None:
         if not uids:
