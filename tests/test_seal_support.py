@@ -1,0 +1,72 @@
+"""Helpers for the dseal tests: synthetic DICOM files and two configured site homes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from dtools.config import Config
+from dtools.seal import keys
+
+SC_IMAGE = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
+
+
+def make_dicom(path: Path, study: str | None = None, series: str | None = None, sop: str | None = None,
+               pixels: bytes | int = 256, patient: str = "SYNTHETIC^TEST") -> Path:
+    """Write a small synthetic DICOM Part 10 file (no real patient data)."""
+    if isinstance(pixels, int):
+        pixels = os.urandom(pixels)
+    if len(pixels) % 2:
+        pixels += b"\0"
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SC_IMAGE
+    meta.MediaStorageSOPInstanceUID = sop or generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SC_IMAGE
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = study or generate_uid()
+    ds.SeriesInstanceUID = series or generate_uid()
+    ds.PatientName = patient
+    ds.PatientID = "SYN0001"
+    ds.StudyDate = "20240101"
+    ds.Modality = "OT"
+    ds.Rows = 1
+    ds.Columns = len(pixels)
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.SamplesPerPixel = 1
+    ds.PixelRepresentation = 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = pixels
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def make_study(root: Path, n: int = 3, series: int = 1, pixels: int = 256) -> tuple[str, list[Path]]:
+    study = generate_uid()
+    series_uids = [generate_uid() for _ in range(series)]
+    files = [make_dicom(root / f"img{i:04d}.dcm", study, series_uids[i % series], pixels=pixels) for i in range(n)]
+    return study, files
+
+
+def make_sites(tmp_path: Path, names=("site-a", "site-b")) -> dict[str, Path]:
+    """Homes for several sites, each with keys and every other site configured as a peer."""
+    homes = {n: tmp_path / n for n in names}
+    lines = {}
+    for n, h in homes.items():
+        h.mkdir(parents=True, exist_ok=True)
+        lines[n] = keys.format_public_identity(keys.generate_identity(Config(h), n).public())
+    for n, h in homes.items():
+        text = f'[site]\nname = "{n}"\n'
+        for other, line in lines.items():
+            if other != n:
+                text += f'\n[peers.{other}]\nidentity = "{line}"\n'
+        (h / "config.toml").write_text(text)
+    return homes
