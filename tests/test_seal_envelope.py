@@ -259,6 +259,14 @@ def test_replay_writes_nothing_new(sites, study, tmp_path):
     second = sites["site-b"].opener().open(env)
     assert second.replay is not None and second.records == []
     assert {p: p.stat().st_mtime_ns for p in sites["site-b"].archive_files()} == stamps
+    # A damaged copy with the same id is not a replay: it is reported.
+    copy = tmp_path / "copy.dtenv"
+    data = bytearray(env.read_bytes())
+    data[-3] ^= 4
+    copy.write_bytes(data)
+    with pytest.raises(InputError, match="this copy differs"):
+        sites["site-b"].opener().open(copy)
+    assert {p: p.stat().st_mtime_ns for p in sites["site-b"].archive_files()} == stamps
 
 
 def test_reopen_without_ledger_keeps_identical_files(sites, study, tmp_path):

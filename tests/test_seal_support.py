@@ -35,8 +35,9 @@ def make_dicom(path: Path, study: str | None = None, series: str | None = None, 
     ds.PatientID = "SYN0001"
     ds.StudyDate = "20240101"
     ds.Modality = "OT"
-    ds.Rows = 1
-    ds.Columns = len(pixels)
+    # Rows x Columns need not match the bytes exactly: dseal never decodes pixels.
+    ds.Columns = min(len(pixels), 1024)
+    ds.Rows = min(max(1, len(pixels) // 1024), 65535)
     ds.BitsAllocated = 8
     ds.BitsStored = 8
     ds.HighBit = 7

@@ -120,9 +120,9 @@ def _open(app, inputs, passphrase):
     config = app.config
     try:
         identity = keys.load_identity(config)
-    except ConfigError:
+    except ConfigError as exc:
         if passphrase is None:
-            raise
+            raise ConfigError(f"{exc}, or give --passphrase-file to open passphrase envelopes") from None
         identity = None
     peers = keys.load_peers(config)
     opener = Opener(config, identity, peers, passphrase, log=app.log.info)

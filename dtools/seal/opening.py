@@ -42,6 +42,7 @@ class Replay:
     envelope_id: str
     opened_at: str
     instances: int
+    sha256: str = ""
 
 
 def _pid_alive(pid: int) -> bool:
@@ -88,14 +89,18 @@ def _check_no_links(root: Path, target: Path) -> None:
         raise InputError(f"archive entry {target} is a link or not a regular file; refusing to replace it")
 
 
-def _file_sha256(path: Path) -> str:
+def _stream_sha256(f) -> str:
     from cryptography.hazmat.primitives import hashes
 
     h = hashes.Hash(hashes.SHA256())
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
+    while block := f.read(1 << 20):
+        h.update(block)
     return h.finalize().hex()
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return _stream_sha256(f)
 
 
 class Opener:
@@ -122,7 +127,16 @@ class Opener:
             return None
         except (OSError, orjson.JSONDecodeError):
             info = {}
-        return Replay(envelope_id, str(info.get("opened_at", "earlier")), int(info.get("instances", 0)))
+        return Replay(envelope_id, str(info.get("opened_at", "earlier")), int(info.get("instances", 0)),
+                      str(info.get("sha256", "")))
+
+    def _check_replay(self, f, seen: Replay) -> Replay:
+        # Only a byte-identical copy is a replay; anything else with a known id is damaged or forged.
+        f.seek(0)
+        if _stream_sha256(f) != seen.sha256:
+            raise InputError(f"envelope {seen.envelope_id} was opened before, but this copy differs from it "
+                             "(damaged or tampered)")
+        return seen
 
     def open(self, path: Path, advance: Callable[[int], None] = lambda n: None) -> OpenResult:
         """Open one envelope and move its files into the archive.
@@ -141,12 +155,12 @@ class Opener:
             header = envelope.read_header(f)
             seen = self.replay(header.envelope_id)
             if seen is not None:
-                return OpenResult(header.envelope_id, [], seen)
+                return OpenResult(header.envelope_id, [], self._check_replay(f, seen))
             f.seek(0)
             with self._lock():
                 seen = self.replay(header.envelope_id)  # another process may have just opened it
                 if seen is not None:
-                    return OpenResult(header.envelope_id, [], seen)
+                    return OpenResult(header.envelope_id, [], self._check_replay(f, seen))
                 staging = self.spool / f"{STAGING_PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
                 staging.mkdir(mode=0o700)
                 try:
