@@ -71,3 +71,35 @@ def make_sites(tmp_path: Path, names=("site-a", "site-b")) -> dict[str, Path]:
                 text += f'\n[peers.{other}]\nidentity = "{line}"\n'
         (h / "config.toml").write_text(text)
     return homes
+
+
+# Peak RSS of a command. A forked child's high-water mark includes the parent's pages
+# from before exec, so the command is started from a small fresh interpreter, and that
+# interpreter reports its children's ru_maxrss.
+_LAUNCHER = (
+    "import resource, subprocess, sys\n"
+    "rc = subprocess.call(sys.argv[2:])\n"
+    "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))\n"
+    "sys.exit(rc)\n"
+)
+
+
+def run_measured(cmd: list[str], stdin: bytes = b"", timeout: float = 600) -> tuple[int, bytes, bytes, float, int]:
+    """(returncode, stdout, stderr, wall seconds, peak RSS in KiB) of ``cmd``."""
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss, tempfile.TemporaryFile() as out, \
+            tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as inp:
+        inp.write(stdin)
+        inp.seek(0)
+        t0 = time.perf_counter()
+        rc = subprocess.call([sys.executable, "-c", _LAUNCHER, rss.name, *cmd], stdin=inp, stdout=out, stderr=err,
+                             timeout=timeout)
+        wall = time.perf_counter() - t0
+        out.seek(0)
+        err.seek(0)
+        text = open(rss.name).read().strip()
+        return rc, out.read(), err.read(), wall, int(text) if text else 0

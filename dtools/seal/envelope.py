@@ -101,21 +101,20 @@ def _nonce(counter: int, last: bool) -> bytes:
     return counter.to_bytes(11, "big") + (b"\x01" if last else b"\x00")
 
 
-class _Worker:
-    """Feeds byte strings to a hash (and optionally a file) on a thread, in order.
+class _Stage:
+    """A worker thread that runs submitted calls in order (hashing, writing).
 
-    SHA-256 and file writes release the GIL, so they run beside AES on the other core; the
-    bounded queue keeps memory constant.
+    SHA-256 and file writes release the GIL, so a stage runs beside AES on another core.
+    The queue is bounded, so memory stays constant. After a failure the stage still runs
+    the calls marked ``always`` (buffer releases), so the main thread never waits forever.
     """
 
     _STOP = object()
 
-    def __init__(self, digest: hashes.Hash, out: IO[bytes] | None = None, depth: int = 4):
-        self.digest = digest
-        self.out = out
+    def __init__(self, name: str, depth: int = 8):
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="dseal-hash", daemon=True)
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
@@ -123,19 +122,30 @@ class _Worker:
             item = self.q.get()
             if item is self._STOP:
                 return
-            if self.error is not None:
+            fn, args, always = item
+            if self.error is not None and not always:
                 continue
             try:
-                self.digest.update(item)
-                if self.out is not None:
-                    self.out.write(item)
-            except BaseException as exc:  # handed to the main thread at the next put/close
-                self.error = exc
+                fn(*args)
+            except BaseException as exc:  # handed to the main thread at the next submit/close
+                if self.error is None:
+                    self.error = exc
 
-    def put(self, data: bytes) -> None:
+    def submit(self, fn: Callable, *args, always: bool = False) -> None:
+        if self.error is not None and not always:
+            raise self.error
+        self.q.put((fn, args, always))
+
+    def call(self, fn: Callable):
+        """Run ``fn`` after everything submitted so far and return its result."""
+        done = threading.Event()
+        box: list = []
+        self.submit(lambda: box.append(fn()))
+        self.submit(done.set, always=True)
+        done.wait()
         if self.error is not None:
             raise self.error
-        self.q.put(data)
+        return box[0]
 
     def close(self) -> None:
         self.q.put(self._STOP)
@@ -145,14 +155,36 @@ class _Worker:
 
     def abort(self) -> None:
         if self.thread.is_alive():
-            # Drain so the put of the stop marker cannot block.
-            try:
+            self.error = self.error or InputError("aborted")
+            try:  # drop what is queued so the stop marker fits
                 while True:
                     self.q.get_nowait()
             except queue.Empty:
                 pass
             self.q.put(self._STOP)
             self.thread.join()
+
+
+class _Ring:
+    """Reusable chunk buffers. Fresh 1 MiB allocations cost page faults on every chunk;
+    a buffer returns to the ring only when the stage that reads it is done with it."""
+
+    def __init__(self, count: int, size: int):
+        self.bufs = [bytearray(size) for _ in range(count)]
+        self.views = [memoryview(b) for b in self.bufs]
+        self.free: queue.Queue = queue.Queue()
+        for i in range(count):
+            self.free.put(i)
+
+    def take(self) -> tuple[int, memoryview]:
+        i = self.free.get()
+        return i, self.views[i]
+
+    def give(self, i: int) -> None:
+        self.free.put(i)
+
+
+RING = 6  # buffers per ring: stage queue depth and what is in flight
 
 
 # -- the payload entries ---------------------------------------------------------------
@@ -211,23 +243,43 @@ class Entry:
 
 # -- sealing ---------------------------------------------------------------------------
 class _ChunkWriter:
-    """Plaintext in, STREAM chunks out; a full chunk is held back until more data proves it is not last."""
+    """Plaintext in, STREAM chunks out; a full chunk is held back until more data proves it is not last.
 
-    def __init__(self, key: bytes, aad: bytes, sink: Callable[[bytes], None], chunk: int = CHUNK):
+    Plaintext hashing runs on ``hasher``, ciphertext hashing and writing on ``sink``.
+    """
+
+    def __init__(self, key: bytes, aad: bytes, sink: _Stage, hasher: _Stage, digest: hashes.Hash,
+                 out: IO[bytes], chunk: int = CHUNK):
         self.aead = AESGCM(key)
         self.aad = aad
         self.sink = sink
+        self.hasher = hasher
+        self.digest = digest
+        self.out = out
         self.chunk = chunk
-        self.buf = bytearray(chunk)
-        self.mv = memoryview(self.buf)
+        self.plain = _Ring(RING, chunk)
+        self.cipher = _Ring(RING, chunk + TAG)
+        self.idx, self.mv = self.plain.take()
         self.fill = 0
         self.counter = 0
+        self.written = 0
+
+    def _write_ct(self, view: memoryview) -> None:
+        self.digest.update(view)
+        self.out.write(view)
 
     def _emit(self, last: bool) -> None:
-        ct = self.aead.encrypt(_nonce(self.counter, last), self.mv[: self.fill], self.aad)
+        j, cv = self.cipher.take()
+        n = self.fill + TAG
+        self.aead.encrypt_into(_nonce(self.counter, last), self.mv[: self.fill], self.aad, cv[:n])
+        self.sink.submit(self._write_ct, cv[:n])
+        self.sink.submit(self.cipher.give, j, always=True)
+        self.hasher.submit(self.plain.give, self.idx, always=True)
+        self.written += n
         self.counter += 1
         self.fill = 0
-        self.sink(ct)
+        if not last:
+            self.idx, self.mv = self.plain.take()
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -240,7 +292,7 @@ class _ChunkWriter:
             view = view[n:]
 
     def copy_from(self, f: IO[bytes], size: int, digest: hashes.Hash, advance: Callable[[int], None]) -> None:
-        """Read exactly ``size`` bytes of ``f`` straight into the chunk buffer, hashing them."""
+        """Read exactly ``size`` bytes of ``f`` straight into the chunk buffers, hashing them."""
         remaining = size
         while remaining:
             if self.fill == self.chunk:
@@ -249,7 +301,7 @@ class _ChunkWriter:
             got = f.readinto(self.mv[self.fill : self.fill + n])
             if not got:
                 raise InputError("file became shorter while sealing; seal it again")
-            digest.update(self.mv[self.fill : self.fill + got])
+            self.hasher.submit(digest.update, self.mv[self.fill : self.fill + got])
             self.fill += got
             remaining -= got
             advance(got)
@@ -319,16 +371,11 @@ def seal(out: IO[bytes], envelope_id: str, entries: list[Entry], *,
     file_digest = _sha256()
     file_digest.update(head)
     out.write(head)
-    worker = _Worker(file_digest, out)
+    sink = _Stage("dseal-write", RING - 2)
+    hasher = _Stage("dseal-hash", 4 * RING)
     digests: list[str] = []
-    written = [len(head)]
-
-    def sink(ct: bytes) -> None:
-        written[0] += len(ct)
-        worker.put(ct)
-
     try:
-        writer = _ChunkWriter(payload_key, aad, sink, chunk)
+        writer = _ChunkWriter(payload_key, aad, sink, hasher, file_digest, out, chunk)
         for entry in entries:
             meta = entry.to_json()
             writer.write(ENTRY_LEN.pack(len(meta)) + meta)
@@ -345,15 +392,18 @@ def seal(out: IO[bytes], envelope_id: str, entries: list[Entry], *,
                     raise InputError(f"{entry.source}: {exc}") from None
                 except OSError as exc:
                     raise InputError(f"{entry.source}: cannot read ({exc.strerror})") from None
-            d = h.finalize()
+            d = hasher.call(h.finalize)
             digests.append(d.hex())
             writer.write(d)
         writer.write(ENTRY_LEN.pack(0))
         writer.close()
-        worker.close()
+        hasher.close()
+        sink.close()
     except BaseException:
-        worker.abort()
+        hasher.abort()
+        sink.abort()
         raise
+    written = [len(head) + writer.written]
     signed = SIG_CONTEXT + file_digest.copy().finalize()
     if mac_key is None:
         assert identity is not None
@@ -457,18 +507,26 @@ def read_header(f: IO[bytes]) -> Header:
 
 
 class _PlainReader:
-    """Verified plaintext chunks in; exact reads and bounded file streams out."""
+    """Verified plaintext chunks in; exact reads and bounded file streams out.
 
-    def __init__(self, chunks: Iterator[bytes]):
+    ``chunks`` yields (view, release); release() is called once the reader has moved past
+    a chunk and handed every slice of it on.
+    """
+
+    def __init__(self, chunks: Iterator[tuple[memoryview, Callable[[], None]]]):
         self.chunks = chunks
         self.cur = memoryview(b"")
+        self.release: Callable[[], None] | None = None
 
     def _fill(self) -> bool:
         while not self.cur:
+            if self.release is not None:
+                self.release()
+                self.release = None
             nxt = next(self.chunks, None)
             if nxt is None:
                 return False
-            self.cur = memoryview(nxt)
+            self.cur, self.release = nxt
         return True
 
     def read_exact(self, n: int) -> bytes:
@@ -579,30 +637,54 @@ def open_envelope(f: IO[bytes], size: int, staging: Path, *, identity: Identity 
 
     file_digest = _sha256()
     file_digest.update(header.raw)
-    worker = _Worker(file_digest)
     aead = AESGCM(payload_key)
+    ct_ring = _Ring(RING, step)
+    pt_ring = _Ring(RING, header.chunk)
+    ct_stage = _Stage("dseal-hash", RING - 2)
+    file_stage = _Stage("dseal-write", 4 * RING)
 
-    def chunks() -> Iterator[bytes]:
+    def chunks() -> Iterator[tuple[memoryview, Callable[[], None]]]:
         for i in range(n_chunks):
             last = i == n_chunks - 1
             want = last_len if last else step
-            ct = f.read(want)
-            if len(ct) != want:
+            j, cv = ct_ring.take()
+            got = f.readinto(cv[:want])
+            if got != want:
+                ct_stage.submit(ct_ring.give, j, always=True)
                 raise InputError("envelope is truncated (file shrank while reading)")
-            worker.put(ct)
+            ct_stage.submit(file_digest.update, cv[:want])
+            k, pv = pt_ring.take()
             try:
-                pt = aead.decrypt(_nonce(i, last), ct, aad)
+                aead.decrypt_into(_nonce(i, last), cv[:want], aad, pv[: want - TAG])
             except InvalidTag:
+                pt_ring.give(k)
                 if i == 0 and mac_key is not None:
                     raise InputError("cannot decrypt: the passphrase differs or the envelope is damaged") from None
                 raise InputError(
                     f"envelope is damaged, truncated or tampered with (chunk {i + 1} of {n_chunks} fails authentication)"
                 ) from None
-            advance(len(ct))
-            yield pt
+            finally:
+                ct_stage.submit(ct_ring.give, j, always=True)
+            advance(want)
+            yield pv[: want - TAG], (lambda k=k: file_stage.submit(pt_ring.give, k, always=True))
+
+    def write_piece(out: IO[bytes], h: hashes.Hash, piece: memoryview) -> None:
+        h.update(piece)
+        while piece:  # unbuffered: a write may be partial
+            piece = piece[out.write(piece):]
+
+    def finish_file(out: IO[bytes], h: hashes.Hash, expected: bytes, entry: Entry, tmp: Path) -> None:
+        out.flush()
+        os.fsync(out.fileno())
+        out.close()
+        digest = h.finalize()
+        if digest != expected:
+            raise InputError(f"digest of {entry.name} does not match (damaged or forged payload)")
+        files.append((entry, tmp, digest.hex()))
 
     files: list[tuple[Entry, Path, str]] = []
     seen: set[str] = set()
+    opened_files: list[IO[bytes]] = []
     try:
         reader = _PlainReader(chunks())
         index = 0
@@ -620,22 +702,23 @@ def open_envelope(f: IO[bytes], size: int, staging: Path, *, identity: Identity 
             index += 1
             h = _sha256()
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-            with os.fdopen(fd, "wb") as out:
-                for piece in reader.stream(entry.size):
-                    h.update(piece)
-                    out.write(piece)
-                out.flush()
-                os.fsync(out.fileno())
-            digest = h.finalize()
-            if reader.read_exact(32) != digest:
-                raise InputError(f"digest of {entry.name} does not match (damaged or forged payload)")
-            files.append((entry, tmp, digest.hex()))
+            out = os.fdopen(fd, "wb", buffering=0)
+            opened_files.append(out)
+            for piece in reader.stream(entry.size):
+                file_stage.submit(write_piece, out, h, piece)
+            file_stage.submit(finish_file, out, h, reader.read_exact(32), entry, tmp)
         if not reader.at_end():
             raise InputError("payload has data after its end marker (damaged envelope)")
-        worker.close()
+        ct_stage.close()
+        file_stage.close()
     except BaseException:
-        worker.abort()
+        ct_stage.abort()
+        file_stage.abort()
         raise
+    finally:
+        for out in opened_files:
+            if not out.closed:
+                out.close()
     trailer = f.read(trailer_len)
     if len(trailer) != trailer_len or f.read(1):
         raise InputError("envelope is truncated or has trailing data")
