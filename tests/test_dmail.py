@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -223,3 +222,45 @@ def test_help_and_version():
         assert r.returncode == 0 and "--relay" in r.stdout.decode() and "--insecure-skip-verify" in r.stdout.decode()
         r = run(name, "--version")
         assert r.returncode == 0 and b"(dtools)" in r.stdout
+
+
+RSS_LAUNCHER = (
+    "import resource, subprocess, sys\n"
+    "p = subprocess.run(sys.argv[1:], stdin=sys.stdin, stdout=subprocess.DEVNULL)\n"
+    "print(p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+)
+
+
+def _peak_rss_mb(argv, stdin=b""):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "DTOOLS_HOME"}
+    p = subprocess.run([sys.executable, "-c", RSS_LAUNCHER, *argv], input=stdin, capture_output=True, env=env,
+                       timeout=300)
+    rc, kib = p.stdout.split()
+    assert int(rc) == 0, p.stderr
+    return int(kib) / 1024
+
+
+@pytest.mark.slow
+def test_memory_is_bounded_by_message_not_envelope(sites, tmp_path):
+    from conftest import cmd_path
+
+    a, b = sites["site-a"], sites["site-b"]
+    size = 160 * 1024 * 1024
+    env = fake_envelope(a / "outbox", 1)
+    with open(env["path"], "wb") as f:
+        for _ in range(size // (1 << 20)):
+            f.write(os.urandom(1 << 20))
+    import hashlib as _h
+
+    with open(env["path"], "rb") as f:
+        env["sha256"] = _h.file_digest(f, "sha256").hexdigest()
+    env["bytes"] = size
+    send_mb = _peak_rss_mb([cmd_path("dmail-send"), "--home", str(a), "--max-message-size", "4M"], lines([env]))
+    recv_mb = _peak_rss_mb([cmd_path("dmail-recv"), "--home", str(b)])
+    assert (b / "inbox" / f"{env['envelope_id']}.dtenv").stat().st_size == size
+    # The envelope is 160 MiB; the commands hold a few 4 MiB messages at a time.
+    print(f"peak RSS send {send_mb:.0f} MB, recv {recv_mb:.0f} MB")
+    assert send_mb < 100 and recv_mb < 100, (send_mb, recv_mb)

@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from conftest import cmd_path, require_tool
-from dovecot import USER, Dovecot
+from dovecot import Dovecot
 from mailsites import fake_envelope, lines, make_sites
 
 ROUNDS = 30
