@@ -212,3 +212,23 @@ def test_run_lock_refuses_a_second_run(tmp_path):
                 pass
     with RunLock(tmp_path / "l", "dmail-recv"):
         pass
+
+
+def test_ledger_opened_by_two_processes_at_once(tmp_path):
+    # dmail-recv and dmail-send --receipts in one pipe create the ledger concurrently.
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for n in range(5):
+        path = tmp_path / f"l{n}.db"
+        procs = [ctx.Process(target=_open_ledger, args=(path,)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+        assert Ledger(path).sent("x", "y") is None
+
+
+def _open_ledger(path):
+    Ledger(path).close()

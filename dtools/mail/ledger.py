@@ -55,20 +55,24 @@ class Ledger:
             raise ConfigError(f"{self.path}: cannot open the relay ledger ({exc}); check the home directory") from None
 
     def _migrate(self) -> None:
-        version = self.db.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(SCHEMA):
-            raise ConfigError(f"{self.path} was written by a newer dtools; upgrade dtools")
-        for i in range(version, len(SCHEMA)):
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
+        if self.db.execute("PRAGMA user_version").fetchone()[0] == len(SCHEMA):
+            return
+        # dmail-recv and dmail-send --receipts in one pipe may both open a new ledger at once:
+        # read the version again under the write lock.
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(SCHEMA):
+                raise ConfigError(f"{self.path} was written by a newer dtools; upgrade dtools")
+            for i in range(version, len(SCHEMA)):
                 for stmt in SCHEMA[i].split(";"):
                     if stmt.strip():
                         self.db.execute(stmt)
                 self.db.execute(f"PRAGMA user_version = {i + 1}")
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         self.db.close()
