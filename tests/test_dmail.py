@@ -264,3 +264,24 @@ def test_memory_is_bounded_by_message_not_envelope(sites, tmp_path):
     # The envelope is 160 MiB; the commands hold a few 4 MiB messages at a time.
     print(f"peak RSS send {send_mb:.0f} MB, recv {recv_mb:.0f} MB")
     assert send_mb < 100 and recv_mb < 100, (send_mb, recv_mb)
+
+
+def test_each_site_with_its_own_account(tmp_path):
+    # A writes into B's mailbox and B into A's: [peers.NAME] relay names the peer's account.
+    homes = make_sites(tmp_path, "unused")
+    a, b = homes["site-a"], homes["site-b"]
+    box_a, box_b = tmp_path / "box-a", tmp_path / "box-b"
+    for home, own, peer, peer_box in ((a, box_a, "site-b", box_b), (b, box_b, "site-a", box_a)):
+        cfg = (home / "config.toml").read_text().replace('url = "unused"', f'url = "maildir:{own}"')
+        cfg = cfg.replace(f"[peers.{peer}]\n", f'[peers.{peer}]\nrelay = "maildir:{peer_box}"\n')
+        (home / "config.toml").write_text(cfg)
+    env = fake_envelope(a / "outbox", 70_000)
+    r = send(a, [env])
+    assert r.returncode == 0 and r.records[0]["relay"] == f"maildir:{box_b}"
+    [got] = recv(b).records
+    assert Path(got["path"]).read_bytes() == Path(env["path"]).read_bytes()
+    assert send(b, [{"kind": "instance", "envelope_id": env["envelope_id"], "peer": "site-a"}],
+                "--receipts").returncode == 0
+    [rc] = recv(a).records
+    assert rc["status"] == "delivered"
+    assert not box_a.joinpath("dtools", "site-b").exists() and not box_b.joinpath("dtools", "site-a").exists()

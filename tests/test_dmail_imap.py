@@ -282,3 +282,31 @@ def test_idle_streams_records_as_mail_arrives(dovecot, sites):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_starttls_is_required_and_verified_off_loopback(dovecot, tmp_path, monkeypatch):
+    """imap:// to a host that is not loopback upgrades with STARTTLS and verifies the certificate.
+
+    The server listens on 127.0.0.1 only, so the address is made to look remote."""
+    import ssl
+
+    from dtools.errors import RemoteError
+    from dtools.mail import message as msg
+    from dtools.mail.imap import ImapMailbox
+    from dtools.mail.relay import RelayURL, parse_url
+
+    monkeypatch.setattr(RelayURL, "loopback", property(lambda self: False))
+    url = parse_url(dovecot.url)
+    with pytest.raises(RemoteError, match="not trusted"):
+        ImapMailbox(url, PASSWORD)
+    monkeypatch.setenv("SSL_CERT_FILE", str(dovecot.ca))
+    box = ImapMailbox(url, PASSWORD)
+    try:
+        assert isinstance(box.client._imap.sock, ssl.SSLSocket)
+        raw = msg.build(msg.KIND_ENVELOPE, "abcdef0123", "site-a", "site-b", b"x" * 1000, envelope_sha256="1" * 64)
+        box.append("starttls/site-b", raw)
+        box.select("starttls/site-b")
+        [(uid, _size, head)] = box.list_messages()
+        assert box.fetch(uid) == bytes(raw)
+    finally:
+        box.close()
