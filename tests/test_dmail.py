@@ -128,9 +128,12 @@ def test_forged_receipt_is_refused(sites, tmp_path):
         b"X-Dtools-Signature: ", b"X-Dtools-Signature: AAAA"))
     r = recv(a)
     assert r.returncode == 1
-    assert "receipt for" in r.stderr and "left in the mailbox" in r.stderr
+    assert "receipt for" in r.stderr and "signature does not verify" in r.stderr
     assert r.records == []
-    assert relay_files(tmp_path, "site-a")  # kept for the administrator
+    # Set aside for the administrator, so it does not fail every run.
+    assert relay_files(tmp_path, "site-a") == []
+    assert len(relay_files(tmp_path, "site-a-quarantine")) == 1
+    assert recv(a).returncode == 0
 
 
 def test_tampered_part_is_reported_and_kept(sites, tmp_path):
@@ -145,8 +148,15 @@ def test_tampered_part_is_reported_and_kept(sites, tmp_path):
     r = recv(b)
     assert r.returncode == 1
     assert "digest mismatch" in r.stderr and "Traceback" not in r.stderr
+    assert "moved to relay folder dtools/site-b-quarantine" in r.stderr
     assert r.records == [] and not (b / "inbox" / f"{env['envelope_id']}.dtenv").exists()
-    assert victim.exists()
+    assert not victim.exists() and len(relay_files(tmp_path, "site-b-quarantine")) == 1
+    # No receipt came back: the sender's retry replaces the damaged part, and the set completes.
+    r = send(a, [], "--retry", "0s")
+    assert r.returncode == 0 and r.records[0]["appended"] == 1
+    r = recv(b)
+    assert r.returncode == 0, r.stderr
+    assert Path(r.records[0]["path"]).read_bytes() == Path(env["path"]).read_bytes()
 
 
 def test_incomplete_set_waits_and_is_reported_after_part_timeout(sites, tmp_path):
@@ -285,3 +295,14 @@ def test_each_site_with_its_own_account(tmp_path):
     [rc] = recv(a).records
     assert rc["status"] == "delivered"
     assert not box_a.joinpath("dtools", "site-b").exists() and not box_b.joinpath("dtools", "site-a").exists()
+
+
+def test_foreign_mail_in_the_folder_is_set_aside(sites, tmp_path):
+    b = sites["site-b"]
+    new = tmp_path / "relay" / "dtools" / "site-b" / "new"
+    new.mkdir(parents=True)
+    (new / "1.spam").write_bytes(b"From: x@example.org\r\nSubject: hello\r\n\r\nbuy now\r\n")
+    r = recv(b)
+    assert r.returncode == 1 and "not a dtools message" in r.stderr and "quarantine" in r.stderr
+    assert relay_files(tmp_path) == [] and len(relay_files(tmp_path, "site-b-quarantine")) == 1
+    assert recv(b).returncode == 0

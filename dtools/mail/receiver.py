@@ -47,6 +47,7 @@ class Receiver:
         self.spool = config.dir("spool")
         self.inbox = config.dir("inbox")
         self.folder = url.folder(site)
+        self.quarantine_folder = url.folder(f"{site}-quarantine")
         self._peers = None
         self.counts = {"envelopes": 0, "receipts": 0, "parts": 0}
 
@@ -67,7 +68,7 @@ class Receiver:
             try:
                 h = msg.check_headers(msg.parse_header_fields(head))
             except InputError as exc:
-                self.fail(f"message {uid} in {self.folder}", f"{exc}; left in the mailbox")
+                self._quarantine([uid], f"message {uid} in {self.folder}", str(exc))
                 continue
             if h.to != self.site:
                 log.warning("message %s in %s is addressed to %s, not %s; left in the mailbox",
@@ -79,6 +80,14 @@ class Receiver:
         for uid, h in receipts:
             self._receipt(uid, h)
         self._report_stale()
+
+    def _quarantine(self, uids: list[str], what: str, reason: str) -> None:
+        """Set a damaged, forged or foreign message aside, where the administrator can look at it.
+
+        Out of the folder it no longer fails every run, and a sender's --retry can replace it
+        (the same Message-ID is no longer present)."""
+        self.fail(what, f"{reason}; moved to relay folder {self.quarantine_folder}")
+        self.box.move(uids, self.quarantine_folder)
 
     def _sweep_spool(self) -> None:
         # A run killed between storing an envelope and clearing its parts leaves them here.
@@ -118,7 +127,7 @@ class Receiver:
                     raw = self.box.fetch(uid)
                     _, payload = msg.extract_payload(raw, h)
                 except InputError as exc:
-                    self.fail(f"envelope {envelope_id} part {part}/{total}", f"{exc}; left in the mailbox")
+                    self._quarantine([uid], f"envelope {envelope_id} part {part}/{total}", str(exc))
                     continue
                 del raw
                 write_atomic(target, payload, 0o600)
@@ -126,12 +135,13 @@ class Receiver:
                 self.advance(len(payload))
                 del payload
             if all((setdir / f"{total}.{i}.part").exists() for i in range(1, total + 1)):
-                if self._assemble(envelope_id, total, first):
+                uids = [uid for uid, _ in parts.values()]
+                if self._assemble(envelope_id, total, first, uids):
                     self._remove([uid for uid, _ in items])
                     shutil.rmtree(setdir, ignore_errors=True)
                 return
 
-    def _assemble(self, envelope_id: str, total: int, h: msg.PartHeaders) -> bool:
+    def _assemble(self, envelope_id: str, total: int, h: msg.PartHeaders, uids: list[str]) -> bool:
         setdir = self._set_dir(envelope_id)
         target = self.inbox / f"{envelope_id}.dtenv"
         digest = hashlib.sha256()
@@ -148,8 +158,8 @@ class Receiver:
                     raise InputError("reassembled envelope does not match its SHA-256 "
                                      "(damaged or tampered in the relay)")
         except InputError as exc:
-            self.fail(f"envelope {envelope_id}", f"{exc}; messages left in the mailbox")
             shutil.rmtree(setdir, ignore_errors=True)
+            self._quarantine(uids, f"envelope {envelope_id}", str(exc))
             return False
         self.ledger.mark_received(envelope_id, h.sender, str(target), size, digest.hexdigest())
         row = self.ledger.received(envelope_id)
@@ -191,6 +201,7 @@ class Receiver:
         from ..seal.keys import load_peers
 
         what = f"receipt for {h.envelope_id} from {h.sender}"
+        key = None
         try:
             if self._peers is None:
                 self._peers = load_peers(self.config)
@@ -207,7 +218,10 @@ class Receiver:
                     or body.get("from") != h.sender or body.get("to") != self.site):
                 raise InputError("receipt body does not match its headers")
         except (InputError, orjson.JSONDecodeError) as exc:
-            self.fail(what, f"{exc}; left in the mailbox")
+            if key is None:  # fixed by configuring the peer: keep it for the next run
+                self.fail(what, f"{exc}; left in the mailbox")
+            else:
+                self._quarantine([uid], what, str(exc))
             return
         sent = self.ledger.sent(h.envelope_id, h.sender)
         status = "delivered"
