@@ -257,3 +257,32 @@ def test_interrupted_seal_leaves_no_envelope(sites, tmp_path):
             sealing.seal_group(g, cfg.dir("outbox"), identity=ident, recipients=[peers["site-b"]], sender="site-a",
                                recipient_names=["site-b"], passphrase=None, advance=lambda n: None)
     assert list((sites["site-a"] / "outbox").iterdir()) == []
+
+
+def test_nul_separated_paths_and_group_from_environment(sites, tmp_path):
+    _uid, files = make_study(tmp_path / "src dir", n=3, series=3)
+    stdin = b"\0".join(str(f).encode() for f in files) + b"\0"
+    r = run("dseal", "--home", str(sites["site-a"]), "-0", "--to", "site-b", input=stdin,
+            env={"DTOOLS_SEAL_GROUP": "series"})
+    assert r.returncode == 0, r.stderr
+    assert len(r.records) == 3
+    r = run("dseal", "--home", str(sites["site-a"]), "-0", "--to", "site-b", "--group", "study", input=stdin,
+            env={"DTOOLS_SEAL_GROUP": "series"})
+    assert len(r.records) == 1  # the flag wins over the environment
+    r = run("dseal", "--home", str(sites["site-a"]), "--to", "site-b", input=str(files[0]),
+            env={"DTOOLS_SEAL_GROUP": "patient"})
+    assert r.returncode == 2 and "DTOOLS_SEAL_GROUP" in r.stderr
+
+
+def test_sealing_to_several_peers_and_a_given_twice_file(tmp_path):
+    homes = make_sites(tmp_path / "sites", ("site-a", "site-b", "site-c"))
+    _uid, files = make_study(tmp_path / "src", n=2)
+    r = dseal(homes["site-a"], "--to", "site-b", "--to", "site-c", "--to", "site-b",
+              str(files[0]), str(files[1]), str(files[0]))
+    assert r.returncode == 0, r.stderr
+    [env] = r.records
+    assert env["to"] == ["site-b", "site-c"] and env["instances"] == 2
+    for name in ("site-b", "site-c"):
+        o = dseal(homes[name], "--open", input=r.stdout)
+        assert o.returncode == 0 and len(o.records) == 2
+        assert {x["peer"] for x in o.records} == {"site-a"}
