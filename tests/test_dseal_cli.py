@@ -286,3 +286,26 @@ def test_sealing_to_several_peers_and_a_given_twice_file(tmp_path):
         o = dseal(homes[name], "--open", input=r.stdout)
         assert o.returncode == 0 and len(o.records) == 2
         assert {x["peer"] for x in o.records} == {"site-a"}
+
+
+def test_disk_full_while_opening_is_a_temporary_failure(sites, tmp_path, monkeypatch, invoke):
+    import errno
+
+    from dtools.commands.dseal import main
+    from dtools.seal import opening
+
+    _uid, files = make_study(tmp_path / "src", n=2)
+    env = dseal(sites["site-a"], "--to", "site-b", *map(str, files)).records[0]
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(opening.os, "replace", full)
+    r = invoke(main, ["--home", str(sites["site-b"]), "--open", env["path"]])
+    assert r.returncode == 75 and "run again" in r.stderr and "Traceback" not in r.stderr
+    assert r.stdout == b""
+    assert archive_files(sites["site-b"]) == []
+    assert not list((sites["site-b"] / "spool").glob(STAGING_PREFIX + "*"))
+    monkeypatch.undo()
+    r = dseal(sites["site-b"], "--open", env["path"])
+    assert r.returncode == 0 and len(r.records) == 2

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from .. import cli
-from ..errors import ConfigError, InputError, UsageError
+from ..errors import ConfigError, InputError, TempFailure, UsageError
 from ..seal import keys
 from ..seal.opening import Opener
 from ..seal.sealing import GROUPS, collect, read_passphrase, seal_group, stat_size
@@ -109,6 +109,9 @@ def _seal(app, inputs, to, group, passphrase):
             except InputError as exc:
                 app.fail(f"envelope for {len(g.entries)} file(s)", f"{exc}; nothing was written for them")
                 continue
+            except OSError as exc:  # the outbox: disk full, permissions
+                raise TempFailure(f"{outbox}: cannot write envelope ({exc.strerror or exc}); "
+                                  "free space or fix permissions, then run again") from None
             app.emit(record)
             sealed += 1
             app.log.info("sealed %s: %d file(s), %d bytes", record["envelope_id"], record["instances"], record["bytes"])
@@ -141,6 +144,9 @@ def _open(app, inputs, passphrase):
             except InputError as exc:
                 app.fail(path, f"{exc}; nothing was written")
                 continue
+            except OSError as exc:  # spool or archive: disk full, permissions
+                raise TempFailure(f"{path}: cannot write into {config.home} ({exc.strerror or exc}); "
+                                  "the envelope is not marked opened; free space or fix permissions, then run again") from None
             if result.replay is not None:
                 replays += 1
                 app.info(f"{path}: envelope {result.envelope_id} was already opened ({result.replay.opened_at}); "
