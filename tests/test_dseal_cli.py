@@ -309,3 +309,15 @@ def test_disk_full_while_opening_is_a_temporary_failure(sites, tmp_path, monkeyp
     monkeypatch.undo()
     r = dseal(sites["site-b"], "--open", env["path"])
     assert r.returncode == 0 and len(r.records) == 2
+
+
+def test_record_kinds(sites, tmp_path):
+    _uid, files = make_study(tmp_path / "src", n=1)
+    study = orjson.dumps({"kind": "study", "StudyInstanceUID": "1.2.3"}).decode()
+    r = dseal(sites["site-a"], "--to", "site-b", input=f"{study}\n{files[0]}\n")
+    assert r.returncode == 1 and "dsearch --level instance" in r.stderr
+    assert len(r.records) == 1
+    receipt = orjson.dumps({"kind": "receipt", "envelope_id": "0" * 32, "peer": "site-a"}).decode()
+    r2 = dseal(sites["site-b"], "--open", input=r.stdout + receipt.encode() + b"\n")
+    assert r2.returncode == 0, r2.stderr
+    assert len(r2.records) == 1 and "skipped 1 record" in r2.stderr

@@ -130,7 +130,11 @@ def _open(app, inputs, passphrase):
     peers = keys.load_peers(config)
     opener = Opener(config, identity, peers, passphrase, log=app.log.info)
     items = []
+    skipped = 0
     for record in inputs:
+        if record.get("kind") not in (None, "envelope"):
+            skipped += 1  # receipts and messages from dmail-recv pass by
+            continue
         p = record.get("path")
         if not isinstance(p, str) or not p:
             app.fail("record", "has no path to an envelope")
@@ -158,6 +162,8 @@ def _open(app, inputs, passphrase):
             opened += 1
             app.log.info("opened %s from %s: %d file(s)", result.envelope_id, result.peer, len(result.records))
     summary = f"opened {opened} envelope(s)"
+    if skipped:
+        summary += f", skipped {skipped} record(s) that are not envelopes"
     if replays:
         summary += f", {replays} already opened before"
     if app.failures:
