@@ -134,6 +134,10 @@ def test_usage_and_config_errors(sites, tmp_path):
     assert r.returncode == 2
     r = dseal(sites["site-a"], "--to", "nobody", input="")
     assert r.returncode == 2 and "[peers.nobody]" in r.stderr
+    with open(sites["site-a"] / "config.toml", "a") as f:
+        f.write('\n[peers.mailonly]\naddress = "m@example.org"\n')
+    r = dseal(sites["site-a"], "--to", "mailonly", input="")
+    assert r.returncode == 2 and "has no identity" in r.stderr and "--passphrase-file" in r.stderr
     r = dseal(sites["site-a"], "--group", "patient", "--to", "site-b", input="")
     assert r.returncode == 2
     r = dseal(tmp_path / "empty-home", "--to", "site-b", input="")

@@ -64,6 +64,10 @@ def dseal(app, to, open_, group, passphrase_file, null):
 
 
 def _seal(app, inputs, to, group, passphrase):
+    import logging
+
+    if not app.verbose:  # pydicom's log lines may quote element values (patient data)
+        logging.getLogger("pydicom").setLevel(logging.ERROR)
     config = app.config
     how = config.get("seal.group", "study", flag=group)
     if how not in GROUPS:
@@ -81,6 +85,11 @@ def _seal(app, inputs, to, group, passphrase):
                 recipients.append(peers[n])
             elif n == identity.name:
                 recipients.append(identity.public())
+            elif n in config.section("peers"):
+                raise ConfigError(
+                    f"peer {n!r} has no identity; add identity = \"<line printed by 'dseal keygen' there>\" "
+                    f"to [peers.{n}] in {config.path}, or seal with --passphrase-file"
+                )
             else:
                 raise ConfigError(
                     f"unknown peer {n!r}; add [peers.{n}] identity = \"<line printed by 'dseal keygen' there>\" "

@@ -7,6 +7,7 @@ the record) before any envelope is written; a bad file is reported and the rest 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -27,7 +28,10 @@ def read_uids(path: Path) -> tuple[str, str, str]:
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_UID_TAGS)
+        # pydicom's warnings may quote element values: keep them off stderr.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_UID_TAGS)
     except InvalidDicomError:
         raise InputError("not a DICOM file (no DICM prefix); only DICOM Part 10 files can be sealed") from None
     except IsADirectoryError:
