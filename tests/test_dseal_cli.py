@@ -134,6 +134,10 @@ def test_usage_and_config_errors(sites, tmp_path):
     assert r.returncode == 2
     r = dseal(sites["site-a"], "--to", "nobody", input="")
     assert r.returncode == 2 and "[peers.nobody]" in r.stderr
+    with open(sites["site-a"] / "config.toml", "a") as f:
+        f.write('\n[peers.mailonly]\naddress = "m@example.org"\n')
+    r = dseal(sites["site-a"], "--to", "mailonly", input="")
+    assert r.returncode == 2 and "has no identity" in r.stderr and "--passphrase-file" in r.stderr
     r = dseal(sites["site-a"], "--group", "patient", "--to", "site-b", input="")
     assert r.returncode == 2
     r = dseal(tmp_path / "empty-home", "--to", "site-b", input="")
@@ -257,3 +261,67 @@ def test_interrupted_seal_leaves_no_envelope(sites, tmp_path):
             sealing.seal_group(g, cfg.dir("outbox"), identity=ident, recipients=[peers["site-b"]], sender="site-a",
                                recipient_names=["site-b"], passphrase=None, advance=lambda n: None)
     assert list((sites["site-a"] / "outbox").iterdir()) == []
+
+
+def test_nul_separated_paths_and_group_from_environment(sites, tmp_path):
+    _uid, files = make_study(tmp_path / "src dir", n=3, series=3)
+    stdin = b"\0".join(str(f).encode() for f in files) + b"\0"
+    r = run("dseal", "--home", str(sites["site-a"]), "-0", "--to", "site-b", input=stdin,
+            env={"DTOOLS_SEAL_GROUP": "series"})
+    assert r.returncode == 0, r.stderr
+    assert len(r.records) == 3
+    r = run("dseal", "--home", str(sites["site-a"]), "-0", "--to", "site-b", "--group", "study", input=stdin,
+            env={"DTOOLS_SEAL_GROUP": "series"})
+    assert len(r.records) == 1  # the flag wins over the environment
+    r = run("dseal", "--home", str(sites["site-a"]), "--to", "site-b", input=str(files[0]),
+            env={"DTOOLS_SEAL_GROUP": "patient"})
+    assert r.returncode == 2 and "DTOOLS_SEAL_GROUP" in r.stderr
+
+
+def test_sealing_to_several_peers_and_a_given_twice_file(tmp_path):
+    homes = make_sites(tmp_path / "sites", ("site-a", "site-b", "site-c"))
+    _uid, files = make_study(tmp_path / "src", n=2)
+    r = dseal(homes["site-a"], "--to", "site-b", "--to", "site-c", "--to", "site-b",
+              str(files[0]), str(files[1]), str(files[0]))
+    assert r.returncode == 0, r.stderr
+    [env] = r.records
+    assert env["to"] == ["site-b", "site-c"] and env["instances"] == 2
+    for name in ("site-b", "site-c"):
+        o = dseal(homes[name], "--open", input=r.stdout)
+        assert o.returncode == 0 and len(o.records) == 2
+        assert {x["peer"] for x in o.records} == {"site-a"}
+
+
+def test_disk_full_while_opening_is_a_temporary_failure(sites, tmp_path, monkeypatch, invoke):
+    import errno
+
+    from dtools.commands.dseal import main
+    from dtools.seal import opening
+
+    _uid, files = make_study(tmp_path / "src", n=2)
+    env = dseal(sites["site-a"], "--to", "site-b", *map(str, files)).records[0]
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(opening.os, "replace", full)
+    r = invoke(main, ["--home", str(sites["site-b"]), "--open", env["path"]])
+    assert r.returncode == 75 and "run again" in r.stderr and "Traceback" not in r.stderr
+    assert r.stdout == b""
+    assert archive_files(sites["site-b"]) == []
+    assert not list((sites["site-b"] / "spool").glob(STAGING_PREFIX + "*"))
+    monkeypatch.undo()
+    r = dseal(sites["site-b"], "--open", env["path"])
+    assert r.returncode == 0 and len(r.records) == 2
+
+
+def test_record_kinds(sites, tmp_path):
+    _uid, files = make_study(tmp_path / "src", n=1)
+    study = orjson.dumps({"kind": "study", "StudyInstanceUID": "1.2.3"}).decode()
+    r = dseal(sites["site-a"], "--to", "site-b", input=f"{study}\n{files[0]}\n")
+    assert r.returncode == 1 and "dsearch --level instance" in r.stderr
+    assert len(r.records) == 1
+    receipt = orjson.dumps({"kind": "receipt", "envelope_id": "0" * 32, "peer": "site-a"}).decode()
+    r2 = dseal(sites["site-b"], "--open", input=r.stdout + receipt.encode() + b"\n")
+    assert r2.returncode == 0, r2.stderr
+    assert len(r2.records) == 1 and "skipped 1 record" in r2.stderr

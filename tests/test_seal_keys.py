@@ -67,3 +67,6 @@ def test_load_peers(home, tmp_path):
     (home / "config.toml").write_text('[peers.bee]\nidentity = "dtools1 nope"\n')
     with pytest.raises(ConfigError, match=r"\[peers.bee\]"):
         keys.load_peers(Config(home))
+    # A peer without identity (passphrase only) is left out, not an error.
+    (home / "config.toml").write_text(f'[peers.bee]\nidentity = "{line}"\n\n[peers.wasp]\naddress = "x@example.org"\n')
+    assert list(keys.load_peers(Config(home))) == ["bee"]

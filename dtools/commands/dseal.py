@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from .. import cli
-from ..errors import ConfigError, InputError, UsageError
+from ..errors import ConfigError, InputError, TempFailure, UsageError
 from ..seal import keys
 from ..seal.opening import Opener
 from ..seal.sealing import GROUPS, collect, read_passphrase, seal_group, stat_size
@@ -64,6 +64,10 @@ def dseal(app, to, open_, group, passphrase_file, null):
 
 
 def _seal(app, inputs, to, group, passphrase):
+    import logging
+
+    if not app.verbose:  # pydicom's log lines may quote element values (patient data)
+        logging.getLogger("pydicom").setLevel(logging.ERROR)
     config = app.config
     how = config.get("seal.group", "study", flag=group)
     if how not in GROUPS:
@@ -81,6 +85,11 @@ def _seal(app, inputs, to, group, passphrase):
                 recipients.append(peers[n])
             elif n == identity.name:
                 recipients.append(identity.public())
+            elif n in config.section("peers"):
+                raise ConfigError(
+                    f"peer {n!r} has no identity; add identity = \"<line printed by 'dseal keygen' there>\" "
+                    f"to [peers.{n}] in {config.path}, or seal with --passphrase-file"
+                )
             else:
                 raise ConfigError(
                     f"unknown peer {n!r}; add [peers.{n}] identity = \"<line printed by 'dseal keygen' there>\" "
@@ -109,6 +118,9 @@ def _seal(app, inputs, to, group, passphrase):
             except InputError as exc:
                 app.fail(f"envelope for {len(g.entries)} file(s)", f"{exc}; nothing was written for them")
                 continue
+            except OSError as exc:  # the outbox: disk full, permissions
+                raise TempFailure(f"{outbox}: cannot write envelope ({exc.strerror or exc}); "
+                                  "free space or fix permissions, then run again") from None
             app.emit(record)
             sealed += 1
             app.log.info("sealed %s: %d file(s), %d bytes", record["envelope_id"], record["instances"], record["bytes"])
@@ -127,7 +139,11 @@ def _open(app, inputs, passphrase):
     peers = keys.load_peers(config)
     opener = Opener(config, identity, peers, passphrase, log=app.log.info)
     items = []
+    skipped = 0
     for record in inputs:
+        if record.get("kind") not in (None, "envelope"):
+            skipped += 1  # receipts and messages from dmail-recv pass by
+            continue
         p = record.get("path")
         if not isinstance(p, str) or not p:
             app.fail("record", "has no path to an envelope")
@@ -141,6 +157,9 @@ def _open(app, inputs, passphrase):
             except InputError as exc:
                 app.fail(path, f"{exc}; nothing was written")
                 continue
+            except OSError as exc:  # spool or archive: disk full, permissions
+                raise TempFailure(f"{path}: cannot write into {config.home} ({exc.strerror or exc}); "
+                                  "the envelope is not marked opened; free space or fix permissions, then run again") from None
             if result.replay is not None:
                 replays += 1
                 app.info(f"{path}: envelope {result.envelope_id} was already opened ({result.replay.opened_at}); "
@@ -152,6 +171,8 @@ def _open(app, inputs, passphrase):
             opened += 1
             app.log.info("opened %s from %s: %d file(s)", result.envelope_id, result.peer, len(result.records))
     summary = f"opened {opened} envelope(s)"
+    if skipped:
+        summary += f", skipped {skipped} record(s) that are not envelopes"
     if replays:
         summary += f", {replays} already opened before"
     if app.failures:

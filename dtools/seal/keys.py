@@ -193,13 +193,16 @@ def load_identity(config: Config) -> Identity:
 
 
 def load_peers(config: Config) -> dict[str, PeerKey]:
-    """Known peers from config.toml ``[peers.NAME] identity = "<line>"``, keyed by NAME."""
+    """Known peers from config.toml ``[peers.NAME] identity = "<line>"``, keyed by NAME.
+
+    A [peers.NAME] table without ``identity`` (a passphrase-only peer) is left out.
+    """
     peers: dict[str, PeerKey] = {}
     for name, section in config.section("peers").items():
-        if not isinstance(section, dict) or "identity" not in section:
-            raise ConfigError(
-                f"[peers.{name}] in {config.path} has no identity; add identity = \"<line from 'dseal keygen'>\""
-            )
+        if not isinstance(section, dict):
+            raise ConfigError(f"peers.{name} in {config.path} must be a [peers.{name}] table")
+        if "identity" not in section:
+            continue  # a peer reached by passphrase only, or configured for mail so far
         check_name(name, "peer name")
         try:
             key = parse_public_identity(section["identity"])

@@ -7,6 +7,7 @@ the record) before any envelope is written; a bad file is reported and the rest 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -27,7 +28,10 @@ def read_uids(path: Path) -> tuple[str, str, str]:
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_UID_TAGS)
+        # pydicom's warnings may quote element values: keep them off stderr.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_UID_TAGS)
     except InvalidDicomError:
         raise InputError("not a DICOM file (no DICM prefix); only DICOM Part 10 files can be sealed") from None
     except IsADirectoryError:
@@ -45,6 +49,11 @@ def read_uids(path: Path) -> tuple[str, str, str]:
 
 def entry_for(record: dict) -> Entry:
     """The envelope entry for one input record (or path); InputError for a bad one."""
+    kind = record.get("kind")
+    if kind in ("patient", "study", "series"):
+        raise InputError(f"is a {kind} record; dseal seals files: give instance records (dsearch --level instance)")
+    if kind not in (None, "instance"):
+        raise InputError(f"is a {kind} record, not an instance record or a path")
     raw = record.get("path")
     if not isinstance(raw, str) or not raw:
         raise InputError("record has no path")
@@ -83,7 +92,8 @@ def collect(records: Iterable[dict], how: str, fail: Callable[[str, str], None],
     """Read and check every input, then group; a bad input goes to ``fail(input, reason)``."""
     groups: dict[str, Group] = {}
     for record in records:
-        name = str(record.get("path") or record.get("SOPInstanceUID") or "record")
+        name = str(record.get("path") or record.get("SOPInstanceUID") or record.get("StudyInstanceUID")
+                   or f"{record.get('kind', 'unknown')} record")
         try:
             entry = entry_for(record)
         except InputError as exc:
