@@ -85,7 +85,7 @@ def cmd(app: cli.App, relay, to, max_message_size, retry, receipts, insecure):
 
 
 def _send_envelopes(app: cli.App, sender: Sender, to: list[str], retry_age: float | None) -> None:
-    sent = 0
+    sent = skipped = 0
     total_bytes = 0
     with app.progress("sending", None, "bytes") as advance:
         if retry_age is None or not sys.stdin.isatty():
@@ -106,8 +106,11 @@ def _send_envelopes(app: cli.App, sender: Sender, to: list[str], retry_age: floa
                         out = sender.send_envelope(Path(rec["path"]), envelope_id, peer, rec.get("sha256"),
                                                    advance=advance)
                         app.emit(out)
-                        sent += 1
-                        total_bytes += out["bytes"]
+                        if out["status"] == "already-sent":
+                            skipped += 1
+                        else:
+                            sent += 1
+                            total_bytes += out["bytes"]
                 except InputError as exc:
                     app.fail(what, str(exc))
         if retry_age is not None:
@@ -116,10 +119,14 @@ def _send_envelopes(app: cli.App, sender: Sender, to: list[str], retry_age: floa
                     out = sender.send_envelope(Path(row["path"]), row["envelope_id"], row["peer"],
                                                row["sha256"], retry=True, advance=advance)
                     app.emit(out)
-                    sent += 1
+                    if out["status"] == "already-sent":
+                        skipped += 1
+                    else:
+                        sent += 1
+                        total_bytes += out["bytes"]
                 except InputError as exc:
                     app.fail(row["path"], f"cannot resend: {exc}")
-    app.info(f"{sent} envelope(s) deposited, {total_bytes} bytes")
+    app.info(f"{sent} envelope(s) deposited ({total_bytes} bytes), {skipped} already in the relay")
 
 
 def _send_receipts(app: cli.App, sender: Sender) -> None:
