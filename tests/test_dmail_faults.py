@@ -57,16 +57,21 @@ def _run_faults(tmp_path, relay, env, relay_left):
     full_env = {**os.environ, **env}
     emitted: list[str] = []
     kills = 0
+    scale = 1.0  # adapts the kill delay to this machine's speed, so kills land mid-run
     for _ in range(ROUNDS):
         # New work every round, so that kills land in the middle of something.
         envs.append(fake_envelope(a / "outbox", rng.randrange(1, 400_000)))
         feed = lines(envs)
         procs = [_start("dmail-send", a, full_env, feed), _start("dmail-recv", b, full_env)]
-        time.sleep(rng.uniform(0.1, 0.5))
+        time.sleep(rng.uniform(0.1, 0.5) * scale)
         for p in procs:
-            if rng.random() < 0.8 and p.poll() is None:
-                p.send_signal(signal.SIGKILL)
-                kills += 1
+            if rng.random() < 0.8:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGKILL)
+                    kills += 1
+                    scale = min(scale * 1.05, 2.0)
+                else:  # finished before the kill: aim earlier next time
+                    scale *= 0.7
         for p in procs:
             out, _err = p.communicate(timeout=60)
             if p is procs[1]:
