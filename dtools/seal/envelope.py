@@ -17,7 +17,7 @@ import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Callable, Iterable, Iterator
+from typing import IO, Callable, Iterator
 
 import orjson
 from cryptography.exceptions import InvalidSignature, InvalidTag
