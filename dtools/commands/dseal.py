@@ -16,7 +16,7 @@ from .. import cli
 from ..errors import ConfigError, InputError, TempFailure, UsageError
 from ..seal import keys
 from ..seal.opening import Opener
-from ..seal.sealing import GROUPS, collect, read_passphrase, seal_group, stat_size
+from ..seal.sealing import GROUPS, clean_stale_envelopes, collect, read_passphrase, seal_group, stat_size
 
 
 class _Group(click.Group):
@@ -105,6 +105,8 @@ def _seal(app, inputs, to, group, passphrase):
             raise ConfigError("this site has no name; set [site] name in config.toml or run 'dseal keygen NAME'")
         keys.check_name(sender, "site name")
     outbox = config.dir("outbox")
+    if clean_stale_envelopes(outbox):
+        app.log.info("removed temporaries left in %s by a killed run", outbox)
     groups = collect(inputs, how, app.fail, app.log.info)
     total = sum(g.bytes for g in groups)
     sealed = 0

@@ -153,7 +153,10 @@ class _Stage:
         if self.error is not None:
             raise self.error
 
-    def abort(self) -> None:
+    def abort(self, wait: float = 2.0) -> None:
+        """Stop after the current call. Waits at most ``wait`` seconds: an fsync stuck behind
+        other processes' writes must not hold up Ctrl-C or SIGTERM. A call still running
+        touches only its own open file, which the caller's cleanup unlinks."""
         if self.thread.is_alive():
             self.error = self.error or InputError("aborted")
             try:  # drop what is queued so the stop marker fits
@@ -161,8 +164,11 @@ class _Stage:
                     self.q.get_nowait()
             except queue.Empty:
                 pass
-            self.q.put(self._STOP)
-            self.thread.join()
+            try:
+                self.q.put(self._STOP, timeout=wait)
+            except queue.Full:
+                return
+            self.thread.join(wait)
 
 
 def _write_all(out: IO[bytes], view: memoryview) -> None:
