@@ -194,6 +194,11 @@ def test_passphrase_mode_cli(tmp_path):
     _uid, files = make_study(tmp_path / "src", n=2)
     sealed = dseal(a, "--to", "site-b", "--passphrase-file", str(pw), *map(str, files))
     assert sealed.returncode == 0, sealed.stderr
+    assert "warning" not in sealed.stderr
+    short = tmp_path / "short"
+    short.write_text("hunter2\n")
+    weak = dseal(a, "--to", "site-b", "--passphrase-file", str(short), str(files[0]))
+    assert weak.returncode == 0 and "only 7 bytes" in weak.stderr
     env = sealed.records[0]
     assert env["from"] == "site-a"
     r = dseal(b, "--open", env["path"])  # no keys, no passphrase: nothing to open with

@@ -55,6 +55,9 @@ def dseal(app, to, open_, group, passphrase_file, null):
     if not open_ and not to:
         raise UsageError("say what to do: --to PEER to seal, --open to open envelopes, or a subcommand (keygen, peers)")
     passphrase = read_passphrase(passphrase_file) if passphrase_file else None
+    if passphrase is not None and len(passphrase) < 16 and not open_:
+        app.err(f"warning: the passphrase has only {len(passphrase)} bytes; a captured envelope lets anyone "
+                "try to guess it offline, so use a long random one (and keys where you can)")
     if paths:
         inputs = ({"path": p} for p in paths)
     else:
