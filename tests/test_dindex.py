@@ -285,3 +285,12 @@ def test_progress_bar_only_on_a_terminal(corpus, tmp_path):
     assert "indexing" in shown and "indexed 48" in shown
     piped = run("dindex", str(corpus), env={"DTOOLS_HOME": str(tmp_path / "h2")})
     assert "indexing" not in piped.stderr and "\x1b[" not in piped.stderr
+
+
+def test_same_file_given_twice_is_indexed_once(corpus, tmp_path):
+    one = next(corpus.rglob("*.dcm"))
+    r = run("dindex", str(one), str(one), str(one.parent), env=env_for(tmp_path / "h"))
+    assert r.returncode == 0, r.stderr
+    assert "same SOPInstanceUID" not in r.stderr
+    assert [x["path"] for x in r.records].count(str(one)) == 1
+    assert db_rows(tmp_path / "h", "SELECT count(*) FROM instance_text") == [(3,)]

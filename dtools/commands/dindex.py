@@ -168,7 +168,8 @@ class Run:
         self.ix = indexer
         self.jobs = jobs
         self.pool: ProcessPoolExecutor | None = None
-        self.pending: list[tuple[str, os.stat_result, dict | None]] = []  # not yet sent to a worker
+        self.pending: list[tuple[str, os.stat_result, dict | None, tuple | None]] = []  # not yet sent to a worker
+        self.waiting: set[str] = set()  # paths offered and not yet written
         self.inflight: deque[tuple[list, Future]] = deque()
         self.out: list[dict] = []  # records waiting for their batch to commit
         self.batch_started = time.monotonic()
@@ -177,7 +178,10 @@ class Run:
 
     # a file to index (or to pass through when unchanged)
     def offer(self, path: str, st: os.stat_result, extra: dict | None) -> None:
-        if self.ix.unchanged(path, st.st_size, st.st_mtime_ns):
+        if path in self.waiting:
+            return  # the same file given twice: it is already on its way
+        row = self.ix.existing(path)
+        if row is not None and row[0] == st.st_size and row[1] == st.st_mtime_ns:
             self.unchanged += 1
             self.advance()
             if extra is not None and not self.app.quiet:
@@ -185,7 +189,8 @@ class Run:
                 if rec is not None:
                     self.out.append(rec)
             return
-        self.pending.append((path, st, extra))
+        self.pending.append((path, st, extra, row))
+        self.waiting.add(path)
         if len(self.pending) >= CHUNK:
             self._dispatch()
 
@@ -210,12 +215,12 @@ class Run:
             # logging's fork hooks, which swallow the exception: hold signals until after.
             old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_SIGNALS)
             try:
-                fut = self.pool.submit(_parse_chunk, [(p, st.st_size) for p, st, _ in items])
+                fut = self.pool.submit(_parse_chunk, [(p, st.st_size) for p, st, _, _ in items])
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         else:
             fut = Future()
-            fut.set_result(_parse_chunk([(p, st.st_size) for p, st, _ in items]))
+            fut.set_result(_parse_chunk([(p, st.st_size) for p, st, _, _ in items]))
         self.inflight.append((items, fut))
         while len(self.inflight) > 2 * self.jobs:
             self._collect_one()
@@ -223,13 +228,14 @@ class Run:
     def _collect_one(self) -> None:
         items, fut = self.inflight.popleft()
         results = fut.result()
-        for (path, st, extra), header in zip(items, results):
+        for (path, st, extra, row), header in zip(items, results):
             self.advance()
+            self.waiting.discard(path)
             if isinstance(header, InputError):
                 self.app.fail(path, str(header))
                 continue
             try:
-                rec = self.ix.add_header(path, st.st_size, st.st_mtime_ns, header, extra)
+                rec = self.ix.add_header(path, st.st_size, st.st_mtime_ns, header, extra, existing=row)
             except InputError as exc:
                 self.app.fail(path, str(exc))
                 continue

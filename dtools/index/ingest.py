@@ -18,6 +18,7 @@ from ..errors import InputError
 from .schema import COMPUTED, LEVEL_ATTRS, PN_ATTRS
 
 REQUIRED = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+_UNKNOWN = ...
 
 
 def _stored(level: str) -> list[str]:
@@ -109,6 +110,7 @@ class Indexer:
         self.in_batch = 0
         self._ids: dict[tuple[str, str], int] = {}
         self._touched: dict[str, set[int]] = {"patient": set(), "study": set(), "series": set()}
+        self._added: list[int] = []  # instance ids of this batch, checked for duplicate SOPs at commit
 
     # -- batches --------------------------------------------------------------------
     def _begin(self) -> None:
@@ -120,6 +122,7 @@ class Indexer:
         n = self.in_batch
         if not self.conn.in_transaction:
             return n
+        self._report_duplicates()
         self._recount()
         self.conn.execute("COMMIT")
         self.in_batch = 0
@@ -130,6 +133,7 @@ class Indexer:
             self.conn.execute("ROLLBACK")
         self.in_batch = 0
         self._ids.clear()
+        self._added.clear()
         for s in self._touched.values():
             s.clear()
 
@@ -143,9 +147,27 @@ class Indexer:
             self.rollback()
 
     # -- lookups ----------------------------------------------------------------------
+    def existing(self, path: str) -> tuple | None:
+        """``(size, mtime_ns, id, series_id)`` of the indexed file at ``path``, or None."""
+        return self.conn.execute("SELECT size, mtime_ns, id, series_id FROM instance WHERE path = ?", (path,)).fetchone()
+
     def unchanged(self, path: str, size: int, mtime_ns: int) -> bool:
-        row = self.conn.execute("SELECT size, mtime_ns FROM instance WHERE path = ?", (path,)).fetchone()
+        row = self.existing(path)
         return row is not None and row[0] == size and row[1] == mtime_ns
+
+    def _report_duplicates(self) -> None:
+        added, self._added = self._added, []
+        if self.on_duplicate is None or not added:
+            return
+        for i in range(0, len(added), 500):
+            ids = added[i : i + 500]
+            marks = ", ".join("?" for _ in ids)
+            rows = self.conn.execute(
+                f"SELECT a.path, min(b.path), a.SOPInstanceUID FROM instance a "
+                f"JOIN instance b ON b.SOPInstanceUID = a.SOPInstanceUID AND b.id < a.id "
+                f"WHERE a.id IN ({marks}) GROUP BY a.id ORDER BY a.id", ids).fetchall()
+            for path, other, sop in rows:
+                self.on_duplicate(path, other, sop)
 
     # -- adding -----------------------------------------------------------------------
     def add(self, path: str | os.PathLike, extra: dict | None = None) -> dict:
@@ -160,8 +182,12 @@ class Indexer:
         header = read_header(path, st.st_size, INDEX_KEYS)
         return self.add_header(path, st.st_size, st.st_mtime_ns, header, extra)
 
-    def add_header(self, path: str, size: int, mtime_ns: int, header: Header, extra: dict | None = None) -> dict:
-        """Index an already parsed header; returns the ``instance`` record."""
+    def add_header(self, path: str, size: int, mtime_ns: int, header: Header, extra: dict | None = None,
+                   existing: Any = ...) -> dict:
+        """Index an already parsed header; returns the ``instance`` record.
+
+        ``existing`` is what ``existing(path)`` returned, when the caller asked already
+        and nothing has written that path since."""
         attrs = header.attrs
         for kw in REQUIRED:
             if not attrs.get(kw):
@@ -186,16 +212,15 @@ class Indexer:
         if seid is None:
             seid = ex(_SQL["series"], [stid, *_values("series", attrs)]).fetchone()[0]
             self._ids[("series", series_uid)] = seid
-        old = ex("SELECT id, series_id FROM instance WHERE path = ?", (path,)).fetchone()
+        if existing is _UNKNOWN:
+            existing = self.existing(path)
+        old = None if existing is None else existing[2:4]
         if old is not None and old[1] != seid:
             self._touch_series(old[1])
-        sop = attrs["SOPInstanceUID"]
-        if self.on_duplicate is not None:
-            dup = ex("SELECT path FROM instance WHERE SOPInstanceUID = ? AND path <> ? LIMIT 1", (sop, path)).fetchone()
-            if dup is not None:
-                self.on_duplicate(path, dup[0], sop)
         iid = ex(_SQL["instance"], [seid, path, size, mtime_ns, *_values("instance", attrs)]).fetchone()[0]
-        if old is not None:
+        if old is None:
+            self._added.append(iid)
+        else:
             ex("DELETE FROM instance_text WHERE rowid = ?", (iid,))
         ex("INSERT INTO instance_text (rowid, text) VALUES (?, ?)", (iid, " ".join(header.text)))
         self._touched["series"].add(seid)
