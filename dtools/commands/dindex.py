@@ -1,0 +1,324 @@
+"""dindex: parse DICOM headers into the site's index.
+
+Headers are parsed in worker processes and written by this process in batched
+transactions. Records are printed only after their batch has committed.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import stat
+import sys
+import time
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Iterator
+
+import click
+
+from .. import cli, records
+from ..dicom.header import read_header
+from ..errors import InputError
+from ..index.db import open_index
+from ..index.ingest import Indexer
+
+CHUNK = 64  # files per task sent to a worker
+BATCH = 2000  # files per transaction
+BATCH_SECONDS = 2.0  # ... or this long, whichever comes first
+IDLE = object()  # stdin has nothing to read right now: commit what we have
+
+
+# -- worker side ---------------------------------------------------------------------
+def _worker_init(parent: int) -> None:
+    # Ctrl-C and SIGTERM are the parent's to handle; it shuts the pool down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # A parent killed with SIGKILL cannot shut the pool down: die with it instead of
+    # waiting forever for work (Linux; elsewhere the pool's own checks apply).
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _parse_chunk(items: list[tuple[str, int]]) -> list:
+    out = []
+    for path, size in items:
+        try:
+            out.append(read_header(path, size))
+        except InputError as exc:
+            out.append(exc)
+        except Exception as exc:  # a parser bug must not take the whole run down
+            out.append(InputError(f"unreadable DICOM file ({type(exc).__name__}: {str(exc)[:120]})"))
+    return out
+
+
+# -- inputs -----------------------------------------------------------------------------
+class Walker:
+    """Files under the given paths; follows directory links, reports loops once."""
+
+    def __init__(self, app: cli.App):
+        self.app = app
+        self.seen_dirs: set[tuple[int, int]] = set()
+
+    def walk(self, top: str) -> Iterator[tuple[str, os.stat_result]]:
+        try:
+            st = os.stat(top)
+        except FileNotFoundError:
+            self.app.fail(top, "no such file or directory")
+            return
+        except OSError as exc:
+            self.app.fail(top, f"cannot stat ({exc.strerror})")
+            return
+        if stat.S_ISDIR(st.st_mode):
+            yield from self._walk_dir(top, st)
+        elif stat.S_ISREG(st.st_mode):
+            yield top, st
+        else:
+            self.app.fail(top, "not a regular file")
+
+    def _walk_dir(self, path: str, st: os.stat_result) -> Iterator[tuple[str, os.stat_result]]:
+        key = (st.st_dev, st.st_ino)
+        if key in self.seen_dirs:
+            self.app.fail(path, "directory loop (already visited through another link); skipped")
+            return
+        self.seen_dirs.add(key)
+        try:
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            self.app.fail(path, f"cannot list directory ({exc.strerror})")
+            return
+        for entry in entries:
+            name = entry.name
+            if name.startswith(".") and name.endswith(".tmp"):
+                continue  # an atomic write in progress (archive, inbox)
+            try:
+                est = entry.stat()  # follows links
+            except OSError as exc:
+                self.app.fail(entry.path, f"cannot stat ({exc.strerror or 'broken link'})")
+                continue
+            if stat.S_ISDIR(est.st_mode):
+                yield from self._walk_dir(entry.path, est)
+            elif stat.S_ISREG(est.st_mode):
+                yield entry.path, est
+
+
+def _stdin_records(app: cli.App, null: bool) -> Iterator[object]:
+    """Records from stdin, with IDLE whenever no more input is ready, so that a slow
+    producer (``dmail-recv --idle | dseal --open | dindex``) sees its records promptly."""
+    if sys.stdin is None:
+        return
+    if sys.stdin.isatty():
+        app.err("reading paths or records from standard input (end with Ctrl-D)")
+    try:
+        fd = sys.stdin.fileno()
+    except (OSError, ValueError, AttributeError):
+        yield from app.read_records(null=null)
+        return
+    sep = b"\0" if null else b"\n"
+    buf = b""
+    while True:
+        try:
+            ready, _, _ = select.select([fd], [], [], 0)
+        except (OSError, ValueError):
+            ready = [fd]
+        if not ready:
+            yield IDLE
+            select.select([fd], [], [])
+        block = os.read(fd, 1 << 16)
+        if not block:
+            break
+        buf += block
+        *lines, buf = buf.split(sep)
+        for line in lines:
+            yield from _parse(app, line, null)
+    if buf:
+        yield from _parse(app, buf, null)
+
+
+def _parse(app: cli.App, line: bytes, null: bool) -> Iterator[dict]:
+    if null:
+        if line:
+            yield {"path": line.decode("utf-8", "surrogateescape")}
+        return
+    if not line.strip():
+        return
+    try:
+        yield records.parse_line(line)
+    except ValueError as exc:
+        app.fail(f"line {line.strip()[:60].decode('utf-8', 'replace')!r}", str(exc))
+
+
+# -- the run -----------------------------------------------------------------------------
+class Run:
+    def __init__(self, app: cli.App, indexer: Indexer, jobs: int):
+        self.app = app
+        self.ix = indexer
+        self.jobs = jobs
+        self.pool: ProcessPoolExecutor | None = None
+        self.pending: list[tuple[str, os.stat_result, dict | None]] = []  # not yet sent to a worker
+        self.inflight: deque[tuple[list, Future]] = deque()
+        self.out: list[dict] = []  # records waiting for their batch to commit
+        self.batch_started = time.monotonic()
+        self.indexed = self.unchanged = 0
+        self.advance = lambda n=1, total=None: None
+
+    # a file to index (or to pass through when unchanged)
+    def offer(self, path: str, st: os.stat_result, extra: dict | None) -> None:
+        if self.ix.unchanged(path, st.st_size, st.st_mtime_ns):
+            self.unchanged += 1
+            self.advance()
+            if extra is not None and not self.app.quiet:
+                rec = self._record_from_index(path, extra)
+                if rec is not None:
+                    self.out.append(rec)
+            return
+        self.pending.append((path, st, extra))
+        if len(self.pending) >= CHUNK:
+            self._dispatch()
+
+    def _record_from_index(self, path: str, extra: dict) -> dict | None:
+        from ..index.query import Condition, Query, run_query
+
+        q = Query("instance", [Condition("instance", "{a}.path = ?", [path])])
+        for rec in run_query(self.ix.conn, q):
+            merged = dict(extra)
+            merged.update(rec)
+            return merged
+        return None
+
+    def _dispatch(self) -> None:
+        items, self.pending = self.pending, []
+        if not items:
+            return
+        if self.jobs > 1:
+            if self.pool is None:
+                self.pool = ProcessPoolExecutor(max_workers=self.jobs, initializer=_worker_init, initargs=(os.getpid(),))
+            fut = self.pool.submit(_parse_chunk, [(p, st.st_size) for p, st, _ in items])
+        else:
+            fut = Future()
+            fut.set_result(_parse_chunk([(p, st.st_size) for p, st, _ in items]))
+        self.inflight.append((items, fut))
+        while len(self.inflight) > 2 * self.jobs:
+            self._collect_one()
+
+    def _collect_one(self) -> None:
+        items, fut = self.inflight.popleft()
+        results = fut.result()
+        for (path, st, extra), header in zip(items, results):
+            self.advance()
+            if isinstance(header, InputError):
+                self.app.fail(path, str(header))
+                continue
+            try:
+                rec = self.ix.add_header(path, st.st_size, st.st_mtime_ns, header, extra)
+            except InputError as exc:
+                self.app.fail(path, str(exc))
+                continue
+            self.indexed += 1
+            if not self.app.quiet:
+                self.out.append(rec)
+        if self.ix.in_batch >= BATCH or time.monotonic() - self.batch_started >= BATCH_SECONDS:
+            self.commit()
+
+    def drain(self) -> None:
+        self._dispatch()
+        while self.inflight:
+            self._collect_one()
+        self.commit()
+
+    def commit(self) -> None:
+        self.ix.flush()
+        self.batch_started = time.monotonic()
+        out, self.out = self.out, []
+        for rec in out:
+            self.app.emit(rec)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
+def _duplicate_reporter(app: cli.App):
+    def report(path: str, other: str, sop: str) -> None:
+        app.err(f"{path}: same SOPInstanceUID {sop} is also indexed at {other}; both are kept")
+
+    return report
+
+
+@cli.command("dindex", help="""Index DICOM files into the site's SQLite index.
+
+PATHs are files or directories (searched recursively). With no PATH, paths or NDJSON
+records carrying "path" are read from standard input. One instance record is printed per
+file indexed; records read from stdin are passed on even when their file was already
+indexed. Files whose path, size and mtime are unchanged are skipped without being parsed.""")
+@click.argument("paths", nargs=-1, type=click.Path())
+@cli.null_option
+@click.option("--prune", is_flag=True, help="Remove index entries whose files are gone (under PATHs, or everywhere).")
+@click.option("-j", "--jobs", type=click.IntRange(1, 64), default=None, metavar="N",
+              help="Parser processes [default: number of CPUs].")
+def dindex(app: cli.App, paths, null, prune, jobs):
+    jobs = jobs or app.config.get("index.jobs", os.cpu_count() or 1, type=int)
+    conn = open_index(app.config.index_path)
+    ix = Indexer(conn, on_duplicate=_duplicate_reporter(app))
+    run = Run(app, ix, jobs)
+    walker = Walker(app)
+    pruned = 0
+    try:
+        with app.progress("indexing", None) as advance:
+            run.advance = advance
+            if paths:
+                for top in paths:
+                    for path, st in walker.walk(os.path.abspath(top)):
+                        run.offer(path, st, None)
+            elif not (prune and sys.stdin is not None and sys.stdin.isatty()):
+                for item in _stdin_records(app, null):
+                    if item is IDLE:
+                        run.drain()
+                        continue
+                    path = item.get("path") if isinstance(item, dict) else None
+                    if not isinstance(path, str) or not path:
+                        app.fail(f"record {str(item)[:60]}", "has no \"path\" field")
+                        continue
+                    extra = None if set(item) == {"path"} else item
+                    for fpath, st in walker.walk(os.path.abspath(path)):
+                        run.offer(fpath, st, extra if fpath == os.path.abspath(path) else None)
+            run.drain()
+            if prune:
+                pruned = _prune(ix, [os.path.abspath(p) for p in paths])
+                ix.flush()
+    except BaseException:
+        ix.rollback()
+        raise
+    finally:
+        run.close()
+        conn.close()
+    summary = f"indexed {run.indexed}, unchanged {run.unchanged}, failed {app.failures}"
+    if prune:
+        summary += f", pruned {pruned}"
+    app.info(summary)
+
+
+def _prune(ix: Indexer, tops: list[str]) -> int:
+    gone = []
+    for (path,) in ix.conn.execute("SELECT path FROM instance ORDER BY path"):
+        if tops and not any(path == t or path.startswith(t.rstrip("/") + "/") for t in tops):
+            continue
+        if not os.path.isfile(path):
+            gone.append(path)
+    return ix.remove_paths(gone)
+
+
+main = cli.entry(dindex)
+
+if __name__ == "__main__":
+    cli.run(dindex)

@@ -1,0 +1,113 @@
+"""dsearch: query the index with DICOM C-FIND matching and free text."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import click
+
+from .. import cli
+from ..errors import UsageError
+from ..index.db import open_index
+from ..index.query import count, parse_keys, run_query, normalize_key, KEY_LEVEL, allowed_keys_text
+from ..index.schema import LEVELS
+
+TABLE_FIELDS = {
+    "patient": ["PatientID", "PatientName", "PatientBirthDate", "PatientSex", "NumberOfPatientRelatedStudies"],
+    "study": ["PatientID", "PatientName", "StudyDate", "ModalitiesInStudy", "StudyDescription",
+              "AccessionNumber", "NumberOfStudyRelatedInstances"],
+    "series": ["PatientName", "StudyDate", "Modality", "SeriesNumber", "SeriesDescription",
+               "NumberOfSeriesRelatedInstances"],
+    "instance": ["PatientName", "StudyDate", "Modality", "SeriesNumber", "InstanceNumber", "path"],
+}
+_TERM = re.compile(r"^([A-Za-z][A-Za-z0-9]*|\(?[0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\)?)=(.*)$", re.S)
+
+
+def split_terms(terms, keys) -> tuple[list[tuple[str, str]], list[str]]:
+    """``Keyword=value`` terms (and -k keys) as key pairs; the other words are free text."""
+    pairs: list[tuple[str, str]] = []
+    words: list[str] = []
+    for term in list(keys) + list(terms):
+        m = _TERM.match(term)
+        if m:
+            pairs.append((m.group(1), m.group(2)))
+        elif term in keys:
+            raise UsageError(f"-k {term!r}: expected KEY=VALUE, e.g. -k PatientName=DOE* or -k 0010,0010=DOE*")
+        else:
+            words.append(term)
+    return pairs, words
+
+
+def quote_words(words: list[str]) -> str:
+    return " ".join('"' + w.replace('"', '""') + '"' for w in words)
+
+
+@cli.command("dsearch", help="""Search the index.
+
+TERMs are Keyword=value (pydicom keywords, or DCMTK's gggg,eeee=value) matched with DICOM
+C-FIND rules: exact value, wildcards * and ?, date/time ranges a-b, a- and -b, UID lists
+a\\b, and an empty value for universal matching. Other words are free text (SQLite FTS5
+syntax) over every text attribute. Prints one record per match at --level.""")
+@click.argument("terms", nargs=-1)
+@click.option("-k", "--key", "keys", multiple=True, metavar="KEY=VALUE", help="A matching key, as in findscu (repeatable).")
+@click.option("-L", "--level", type=click.Choice(LEVELS), default="instance", show_default=True,
+              help="Answer with patients, studies, series or instances.")
+@click.option("--fields", multiple=True, metavar="F1,F2", help="Print only these fields (comma-separated, repeatable).")
+@click.option("--limit", type=click.IntRange(0), default=None, metavar="N", help="Print at most N matches.")
+@click.option("--offset", type=click.IntRange(0), default=0, metavar="N", help="Skip the first N matches.")
+@click.option("--count", "count_only", is_flag=True, help="Print only the number of matches.")
+@click.option("--table", is_flag=True, help="Print a table for people instead of records.")
+@click.option("--quote", is_flag=True, help="Treat free-text words literally (no FTS5 operators).")
+def dsearch(app: cli.App, terms, keys, level, fields, limit, offset, count_only, table, quote):
+    pairs, words = split_terms(terms, keys)
+    text = (quote_words(words) if quote else " ".join(words)) or None
+    field_list = [f.strip() for spec in fields for f in spec.split(",") if f.strip()]
+    for f in field_list:
+        if normalize_key(f) not in KEY_LEVEL:
+            raise UsageError(f"unknown field {f!r}; fields are: {allowed_keys_text()}")
+    q = parse_keys(level, pairs, text)
+    conn = open_index(app.config.index_path, readonly=True)
+    try:
+        if count_only:
+            sys.stdout.write(f"{count(conn, q)}\n")
+            return None
+        wanted = [normalize_key(f) for f in field_list] or None
+        results = run_query(conn, q, fields=wanted, limit=limit, offset=offset)
+        if table:
+            _print_table(app, level, results, wanted or TABLE_FIELDS[level])
+            return None
+        n = 0
+        for rec in results:
+            app.emit(rec)
+            n += 1
+        app.log.info("%d %s record(s)", n, level)
+    finally:
+        conn.close()
+    return None
+
+
+def _print_table(app: cli.App, level: str, results, columns: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(show_lines=False)
+    for c in columns:
+        t.add_column(c, overflow="fold")
+    n = 0
+    for rec in results:
+        row = []
+        for c in columns:
+            v = rec.get(c)
+            row.append("" if v is None else ("\\".join(map(str, v)) if isinstance(v, list) else str(v)))
+        t.add_row(*row)
+        n += 1
+    # piped tables (dsearch --table | less) should not wrap at 80 columns
+    Console(width=None if sys.stdout.isatty() else 200).print(t)
+    app.info(f"{n} {level}(s)")
+
+
+main = cli.entry(dsearch)
+
+if __name__ == "__main__":
+    cli.run(dsearch)

@@ -1,0 +1,397 @@
+"""DICOM headers to records: the top-level attributes of a file, decoded to Unicode.
+
+Indexing must be faster than ``pydicom.dcmread(stop_before_pixels=True)``, and pydicom's
+element-by-element value conversion is three times slower than that read alone. So
+little-endian files (almost all of them) are walked here with ``struct``, stopping at
+Pixel Data. Text is decoded with pydicom's own charset functions. Anything unusual (big
+endian, deflate, odd structure) falls back to pydicom. tests/test_header.py checks that
+both paths agree on pydicom's whole test corpus.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import warnings
+from typing import Any
+
+from pydicom.charset import TEXT_VR_DELIMS, convert_encodings, decode_bytes
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+
+from ..errors import InputError
+
+PN_DELIMS = {0x5E}
+TEXT_VRS = frozenset(
+    (b"AE", b"AS", b"CS", b"DA", b"DS", b"DT", b"IS", b"LO", b"LT", b"PN", b"SH", b"ST", b"TM", b"UC", b"UI", b"UR", b"UT")
+)
+CHARSET_VRS = frozenset((b"LO", b"LT", b"PN", b"SH", b"ST", b"UC", b"UT"))
+SINGLE_VALUE_VRS = frozenset((b"LT", b"ST", b"UT", b"UR"))  # backslash is text, not a separator
+LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"))
+VALID_VRS = TEXT_VRS | LONG_VRS | frozenset((b"AT", b"FL", b"FD", b"SL", b"SS", b"UL", b"US"))
+NUMERIC = {b"US": ("H", 2), b"SS": ("h", 2), b"UL": ("I", 4), b"SL": ("i", 4), b"FL": ("f", 4), b"FD": ("d", 8)}
+MAX_NUMBERS = 16  # longer numeric arrays (LUTs, tables) are not useful search keys
+MAX_TEXT = 10240  # longer text values are cut for the index
+
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+IMPLICIT_LE = "1.2.840.10008.1.2"
+BIG_ENDIAN = "1.2.840.10008.1.2.2"
+DEFLATED = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1")
+PIXEL_DATA = 0x7FE00010
+DEFAULT_CHARSETS = ("", "ISO_IR 6", "ISO_IR 100", "ISO 2022 IR 6", "ISO 2022 IR 100")
+
+_HH = struct.Struct("<HH")
+_H = struct.Struct("<H")
+_I = struct.Struct("<I")
+_KEYWORDS: dict[int, str] = {}
+_IMPLICIT_VR: dict[int, bytes | None] = {}
+
+
+class Unsupported(Exception):
+    """The fast path cannot read this file; pydicom will."""
+
+
+class Header:
+    """The top-level attributes of one DICOM file."""
+
+    __slots__ = ("attrs", "transfer_syntax", "text")
+
+    def __init__(self, attrs: dict[str, Any], transfer_syntax: str | None, text: list[str]):
+        self.attrs = attrs  # keyword -> str | int | float | list
+        self.transfer_syntax = transfer_syntax
+        self.text = text  # every text value, for free-text search
+
+
+def keyword(tag: int) -> str | None:
+    try:
+        return _KEYWORDS[tag]
+    except KeyError:
+        kw = keyword_for_tag(tag) or None if (tag >> 16) % 2 == 0 else None
+        _KEYWORDS[tag] = kw
+        return kw
+
+
+def _implicit_vr(tag: int) -> bytes | None:
+    try:
+        return _IMPLICIT_VR[tag]
+    except KeyError:
+        try:
+            vr = dictionary_VR(tag).split(" or ")[0]  # "US or SS": pydicom's first choice
+            value = vr.encode() if vr and len(vr) == 2 else None
+        except KeyError:
+            value = None
+        _IMPLICIT_VR[tag] = value
+        return value
+
+
+# -- the fast walk -----------------------------------------------------------------
+def _skip_undefined(buf, pos: int, n: int, explicit: bool) -> int:
+    """Skip the items of an undefined-length sequence (or encapsulated data); return the end."""
+    while True:
+        if pos + 8 > n:
+            raise InputError("truncated DICOM file (inside a sequence)")
+        g, e = _HH.unpack_from(buf, pos)
+        length = _I.unpack_from(buf, pos + 4)[0]
+        pos += 8
+        if g != 0xFFFE:
+            raise InputError(f"corrupt DICOM sequence at byte {pos - 8}")
+        if e == 0xE0DD:
+            return pos
+        if e != 0xE000:
+            raise InputError(f"corrupt DICOM sequence item at byte {pos - 8}")
+        if length == 0xFFFFFFFF:
+            pos = _skip_item(buf, pos, n, explicit)
+        else:
+            pos += length
+            if pos > n:
+                raise InputError("truncated DICOM file (inside a sequence item)")
+
+
+def _skip_item(buf, pos: int, n: int, explicit: bool) -> int:
+    while True:
+        if pos + 8 > n:
+            raise InputError("truncated DICOM file (inside a sequence item)")
+        g, e = _HH.unpack_from(buf, pos)
+        if g == 0xFFFE and e == 0xE00D:
+            return pos + 8
+        pos, _vr, length = _element_header(buf, pos, n, explicit)
+        if length == 0xFFFFFFFF:
+            pos = _skip_undefined(buf, pos, n, explicit and _vr != b"UN")
+        else:
+            pos += length
+            if pos > n:
+                raise InputError("truncated DICOM file")
+
+
+def _element_header(buf, pos: int, n: int, explicit: bool) -> tuple[int, bytes | None, int]:
+    if explicit:
+        vr = bytes(buf[pos + 4 : pos + 6])
+        if vr in LONG_VRS:
+            if pos + 12 > n:
+                raise InputError("truncated DICOM file")
+            return pos + 12, vr, _I.unpack_from(buf, pos + 8)[0]
+        if vr not in VALID_VRS:
+            raise Unsupported(f"unknown VR {vr!r}")
+        return pos + 8, vr, _H.unpack_from(buf, pos + 6)[0]
+    return pos + 8, None, _I.unpack_from(buf, pos + 4)[0]
+
+
+def _walk(buf, pos: int, n: int, explicit: bool, out: list, meta: bool = False) -> int:
+    """Collect top-level ``(tag, vr, start, length)`` from ``pos``; stop at Pixel Data, at
+    the end, or (``meta``) after group 0002. Returns where it stopped."""
+    while pos + 8 <= n:
+        g, e = _HH.unpack_from(buf, pos)
+        if meta and g != 0x0002:
+            return pos
+        tag = (g << 16) | e
+        if tag == PIXEL_DATA:
+            pos, _vr, length = _element_header(buf, pos, n, explicit)
+            if length != 0xFFFFFFFF and pos + length > n:
+                raise InputError("truncated DICOM file (Pixel Data is cut short)")
+            return pos
+        if g == 0xFFFE:
+            raise Unsupported("delimiter at top level")
+        start, vr, length = _element_header(buf, pos, n, explicit)
+        if length == 0xFFFFFFFF:
+            pos = _skip_undefined(buf, start, n, explicit and vr != b"UN")
+            continue
+        pos = start + length
+        if pos > n:
+            raise InputError(f"truncated DICOM file (element ({g:04X},{e:04X}) is cut short)")
+        if vr is None or vr == b"UN":  # implicit VR, or an explicit UN pydicom would resolve
+            vr = _implicit_vr(tag)
+            if vr is None:
+                continue
+        if vr in TEXT_VRS or vr in NUMERIC:
+            out.append((tag, vr, start, length))
+    if pos != n and pos + 8 > n and not meta:
+        raise InputError("truncated DICOM file (partial element header at the end)")
+    return pos
+
+
+def _looks_explicit(buf, pos: int) -> bool:
+    vr = bytes(buf[pos + 4 : pos + 6])
+    return vr in VALID_VRS
+
+
+def _scan(buf) -> tuple[list, str | None, bool]:
+    """Walk a whole file image; returns (elements, transfer syntax, had_meta)."""
+    n = len(buf)
+    if n >= 132 and buf[128:132] == b"DICM":
+        pos = 132
+    elif n >= 8 and _looks_like_dataset_start(buf):
+        pos = 0
+    else:
+        raise InputError("not a DICOM file (no DICM marker and no recognisable data set)")
+    meta: list = []
+    ts = None
+    if pos + 8 <= n and _HH.unpack_from(buf, pos)[0] == 0x0002:
+        pos = _walk(buf, pos, n, True, meta, meta=True)
+        for tag, _vr, start, length in meta:
+            if tag == 0x00020010:
+                ts = bytes(buf[start : start + length]).decode("ascii", "replace").strip("\0 ")
+    if ts is None:
+        explicit = _looks_explicit(buf, pos) if pos + 8 <= n else True
+    elif ts == IMPLICIT_LE:
+        explicit = False
+    elif ts == BIG_ENDIAN or ts in DEFLATED:
+        raise Unsupported(ts)
+    else:
+        explicit = True  # explicit little endian and every encapsulated syntax
+    elements: list = []
+    _walk(buf, pos, n, explicit, elements)
+    return elements, ts, bool(meta)
+
+
+def _looks_like_dataset_start(buf) -> bool:
+    g, _e = _HH.unpack_from(buf, 0)
+    return g in (0x0002, 0x0008) and (_looks_explicit(buf, 0) or _I.unpack_from(buf, 4)[0] < 0x10000)
+
+
+# -- value conversion --------------------------------------------------------------
+def _strip(vr: bytes, s: str) -> str:
+    if vr == b"UI":
+        return s.rstrip("\0 ")
+    if vr in (b"LT", b"ST", b"UT", b"UC"):
+        return s.rstrip("\0 ")
+    return s.strip("\0 ")
+
+
+def _number(vr: bytes, s: str) -> Any:
+    try:
+        if vr == b"IS":
+            return int(float(s)) if "." in s or "e" in s.lower() else int(s)
+        value = float(s)
+        return value if value == value and value not in (float("inf"), float("-inf")) else s
+    except ValueError:
+        return s
+
+
+def convert(vr: bytes, raw: bytes, encodings: list[str] | None) -> Any:
+    """A raw value as a record value: str, number, or list for several values."""
+    if vr in NUMERIC:
+        fmt, size = NUMERIC[vr]
+        count = len(raw) // size
+        if count == 0 or count > MAX_NUMBERS:
+            return None
+        values = struct.unpack(f"<{count}{fmt}", raw[: count * size])
+        if vr in (b"FL", b"FD"):
+            values = tuple(v if v == v and abs(v) != float("inf") else None for v in values)
+        return values[0] if count == 1 else list(values)
+    if len(raw) > MAX_TEXT:
+        raw = raw[:MAX_TEXT]
+    if vr in SINGLE_VALUE_VRS:
+        parts = [raw]
+    else:
+        parts = raw.split(b"\\")
+    out = []
+    for part in parts:
+        if vr == b"PN":
+            part = part.rstrip(b" \0")
+        if encodings is not None and vr in CHARSET_VRS:
+            if vr == b"PN":
+                comps = [decode_bytes(c, encodings, PN_DELIMS) for c in part.split(b"=")]
+                while comps and not comps[-1]:
+                    comps.pop()
+                s = "=".join(comps)
+            else:
+                s = decode_bytes(part, encodings, TEXT_VR_DELIMS)
+        else:
+            s = part.decode("latin-1")
+        s = _strip(vr, s)
+        if vr in (b"IS", b"DS"):
+            out.append(_number(vr, s) if s else None)
+        else:
+            out.append(s)
+    if len(out) == 1:
+        return out[0]
+    return out
+
+
+def _encodings(raw: bytes | None) -> list[str] | None:
+    """Python codecs for a Specific Character Set value; None means latin-1 is right."""
+    if raw is None:
+        return None
+    names = [p.decode("ascii", "replace").strip("\0 ") for p in raw.split(b"\\")]
+    if len(names) == 1 and names[0] in DEFAULT_CHARSETS:
+        return None
+    if all(n in DEFAULT_CHARSETS for n in names):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return convert_encodings(names)
+
+
+def _attrs_from_elements(buf, elements: list) -> tuple[dict, list[str]]:
+    charset_raw = None
+    for tag, _vr, start, length in elements:
+        if tag == 0x00080005:
+            charset_raw = bytes(buf[start : start + length])
+            break
+        if tag > 0x00080005:
+            break
+    encodings = _encodings(charset_raw)
+    attrs: dict[str, Any] = {}
+    text: list[str] = []
+    for tag, vr, start, length in elements:
+        kw = keyword(tag)
+        if kw is None or length == 0:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            value = convert(vr, bytes(buf[start : start + length]), encodings)
+        if value is None or value == "" or value == []:
+            continue
+        attrs[kw] = value
+        if vr in CHARSET_VRS or vr in (b"CS", b"AE"):
+            if isinstance(value, list):
+                text.extend(str(v) for v in value if v)
+            else:
+                text.append(value)
+    return attrs, text
+
+
+# -- the pydicom path --------------------------------------------------------------
+def _read_with_pydicom(path: str) -> Header:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ds.decode()
+    except InvalidDicomError:
+        raise InputError("not a DICOM file") from None
+    except (EOFError, struct.error):
+        raise InputError("truncated DICOM file") from None
+    except (ValueError, KeyError, TypeError, AttributeError, NotImplementedError, LookupError) as exc:
+        raise InputError(f"unreadable DICOM file ({type(exc).__name__}: {str(exc)[:120]})") from None
+    attrs: dict[str, Any] = {}
+    text: list[str] = []
+    try:
+        for elem in ds:
+            vr = str(elem.VR).encode()
+            kw = elem.keyword
+            if not kw or elem.tag.is_private or (vr not in TEXT_VRS and vr not in NUMERIC) or elem.is_empty:
+                continue
+            value = elem.value
+            values = list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+            conv = []
+            for v in values:
+                if vr in NUMERIC or vr in (b"IS", b"DS"):
+                    try:
+                        conv.append(int(v) if vr == b"IS" or vr in (b"US", b"SS", b"UL", b"SL") else float(v))
+                    except (TypeError, ValueError):
+                        conv.append(str(v))
+                else:
+                    conv.append(_strip(vr, str(v)))
+            if not conv or (vr in NUMERIC and len(conv) > MAX_NUMBERS):
+                continue
+            out = conv[0] if len(conv) == 1 else conv
+            if out == "":
+                continue
+            attrs[kw] = out
+            if vr in CHARSET_VRS or vr in (b"CS", b"AE"):
+                text.extend(str(v) for v in conv if v)
+    except (ValueError, TypeError, EOFError, struct.error) as exc:
+        raise InputError(f"unreadable DICOM file ({type(exc).__name__}: {str(exc)[:120]})") from None
+    ts = None
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        ts = str(meta.TransferSyntaxUID)
+    return Header(attrs, ts, text)
+
+
+# -- entry points --------------------------------------------------------------------
+def read_header(path: str | os.PathLike, size: int | None = None) -> Header:
+    """Parse a file's header. Raises InputError with a short reason for bad files."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            if size is None:
+                size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                raise InputError("empty file, not a DICOM file")
+            if size > 1 << 20:
+                buf: Any = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            else:
+                buf = f.read()
+    except IsADirectoryError:
+        raise InputError("is a directory") from None
+    except PermissionError:
+        raise InputError("permission denied; check the file's mode or run as its owner") from None
+    except FileNotFoundError:
+        raise InputError("no such file") from None
+    except OSError as exc:
+        raise InputError(f"cannot read ({exc.strerror})") from None
+    try:
+        try:
+            elements, ts, _had_meta = _scan(buf)
+        except (Unsupported, struct.error):
+            return _read_with_pydicom(path)
+        attrs, text = _attrs_from_elements(buf, elements)
+        return Header(attrs, ts, text)
+    finally:
+        if isinstance(buf, mmap.mmap):
+            buf.close()

@@ -1,0 +1,66 @@
+"""Opening the index: WAL mode, a busy timeout, and migrations to the current schema."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from ..errors import ConfigError
+from .schema import MIGRATIONS, SCHEMA_VERSION
+
+BUSY_TIMEOUT_MS = 30000
+
+
+def open_index(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
+    """Open (and create or upgrade) the index at ``path``.
+
+    The connection is in autocommit mode; writers wrap their batches in
+    ``BEGIN IMMEDIATE ... COMMIT`` themselves.
+    """
+    path = Path(path)
+    if readonly and not path.exists():
+        raise ConfigError(f"{path}: no index here yet; run 'dindex PATH...' first (or check --home)")
+    try:
+        if not readonly:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise ConfigError(
+                f"{path}: index schema {version} is newer than this dtools understands ({SCHEMA_VERSION}); upgrade dtools"
+            )
+        if not readonly:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            if version < SCHEMA_VERSION:
+                migrate(conn, version)
+        elif version < SCHEMA_VERSION:
+            # a reader never changes the file; an old index is upgraded by the next writer
+            conn.close()
+            return open_index(path, readonly=False)
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA cache_size = -65536")
+        conn.execute("PRAGMA temp_store = MEMORY")
+        return conn
+    except sqlite3.DatabaseError as exc:
+        raise ConfigError(f"{path}: cannot open index ({exc}); is it a dtools index.db?") from None
+
+
+def migrate(conn: sqlite3.Connection, current: int) -> None:
+    """Apply migrations after ``current``, each in its own transaction."""
+    for number in range(current, SCHEMA_VERSION):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # another writer may have migrated while we waited for the lock
+            if conn.execute("PRAGMA user_version").fetchone()[0] > number:
+                conn.execute("COMMIT")
+                continue
+            for statement in MIGRATIONS[number].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
