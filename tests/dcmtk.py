@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,8 +29,7 @@ def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            raise RuntimeError(f"server exited with {proc.returncode}: {err}")
+            raise RuntimeError(f"server exited with {proc.returncode}")
         with socket.socket() as s:
             s.settimeout(0.2)
             if s.connect_ex(("127.0.0.1", port)) == 0:
@@ -58,8 +58,33 @@ def start_dserve(home: Path, port: int, *args: str, env: dict | None = None) -> 
         [str(BIN / "dserve"), "--home", str(home), "--bind", "127.0.0.1", "--port", str(port), *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env,
     )
-    wait_port(port, proc)
+    # drain both pipes as they fill, so dserve never blocks writing records
+    proc.out = bytearray()  # type: ignore[attr-defined]
+    proc.err = bytearray()  # type: ignore[attr-defined]
+    proc.readers = [  # type: ignore[attr-defined]
+        threading.Thread(target=_drain, args=(proc.stdout, proc.out), daemon=True),
+        threading.Thread(target=_drain, args=(proc.stderr, proc.err), daemon=True),
+    ]
+    for t in proc.readers:
+        t.start()
+    try:
+        wait_port(port, proc)
+    except Exception:
+        stop(proc)
+        raise RuntimeError(f"dserve did not start: {bytes(proc.err).decode(errors='replace')}") from None
     return proc
+
+
+def _drain(stream, buf: bytearray) -> None:
+    for chunk in iter(lambda: stream.read1(65536), b""):
+        buf.extend(chunk)
+
+
+def output(proc: subprocess.Popen) -> tuple[bytes, str]:
+    """stdout and stderr of a stopped dserve."""
+    for t in getattr(proc, "readers", []):
+        t.join(10)
+    return bytes(proc.out), bytes(proc.err).decode("utf-8", "replace")  # type: ignore[attr-defined]
 
 
 def start_storescp(tool: str, outdir: Path, port: int, aet: str = "STORESCP", *args: str) -> subprocess.Popen:

@@ -360,7 +360,7 @@ class Server:
             yield status(OUT_OF_RESOURCES, "index unavailable"), None
             return
         try:
-            results = find(conn, LEVELS[level], keys)
+            results = find(conn, LEVELS[level], keys, strict=False)
             n = 0
             while True:
                 if event.is_cancelled:
@@ -410,7 +410,7 @@ class Server:
         try:
             conn = open_index(self.s.index_path, readonly=True)
             try:
-                paths = [r["path"] for r in find(conn, "instance", keys) if r.get("path")]
+                paths = [r["path"] for r in find(conn, "instance", keys, fields=["path"]) if r.get("path")]
             finally:
                 conn.close()
         except DtoolsError as exc:
@@ -530,31 +530,21 @@ def element_text(elem: Any) -> str | None:
     return str(value)
 
 
-def supported_keys(level: str) -> set[str]:
-    """Keys the index can match at `level` (its own and those of the levels above)."""
-    from ..index.query import LEVEL_KEYS
-
-    order = ["patient", "study", "series", "instance"]
-    out: set[str] = set()
-    for lv in order[: order.index(LEVELS[level]) + 1]:
-        out.update(LEVEL_KEYS[lv])
-    return out
-
-
 def identifier_keys(ident: Dataset, level: str) -> tuple[dict[str, str], list[Any]]:
-    """Matching/return keys for the query engine, and the identifier's elements to answer."""
-    known = supported_keys(level)
+    """Matching/return keys for the query engine, and the identifier's elements to answer.
+
+    Keys the index does not store are not matched and come back empty (PS3.4 C.2.2.1);
+    the engine ignores them (strict=False).
+    """
     keys: dict[str, str] = {}
     wanted = []
     for elem in ident:
-        if elem.tag in _SKIP or elem.tag.group == 0x0002 or elem.tag.is_private:
+        if elem.tag in _SKIP or elem.tag.group == 0x0002 or elem.tag.is_private or not elem.keyword:
             continue
         wanted.append(elem)
-        kw = elem.keyword
         text = element_text(elem)
-        if text is None or kw not in known:
-            continue  # unsupported optional key: not matched, returned empty (PS3.4 C.2.2.1)
-        keys[kw] = text
+        if text is not None:
+            keys[elem.keyword] = text
     return keys, wanted
 
 
