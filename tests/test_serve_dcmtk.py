@@ -234,9 +234,9 @@ def test_findscu_uid_list(loaded, tmp_path):
 
 
 def test_findscu_patient_level_in_study_root_is_refused(loaded, tmp_path):
-    res = run_tool(require_tool("findscu"), "-S", "-aec", "DTOOLS", "-k", "QueryRetrieveLevel=PATIENT",
+    res = run_tool(require_tool("findscu"), "-v", "-S", "-aec", "DTOOLS", "-k", "QueryRetrieveLevel=PATIENT",
                    "-k", "PatientID", "127.0.0.1", str(loaded["port"]))
-    assert b"0xa900" in (res.stderr + res.stdout).lower() or b"Identifier does not match" in res.stderr + res.stdout
+    assert b"Final Find Response (Error: DataSetDoesNotMatchSOPClass)" in res.stderr + res.stdout
 
 
 def test_movescu_to_storescp(loaded, tmp_path):
@@ -256,7 +256,7 @@ def test_movescu_to_storescp(loaded, tmp_path):
     want = {r["SOPInstanceUID"] for r in dsearch(loaded["home"], "instance", f"StudyInstanceUID={study['StudyInstanceUID']}")}
     got = {pydicom.dcmread(p).SOPInstanceUID for p in out.iterdir()}
     assert got == want and len(want) == 8
-    assert b"a801" in (unknown.stderr + unknown.stdout).lower()
+    assert b"MoveDestinationUnknown" in unknown.stderr + unknown.stdout
 
 
 def test_movescu_destination_down_fails(loaded):
@@ -264,7 +264,7 @@ def test_movescu_destination_down_fails(loaded):
     res = run_tool(require_tool("movescu"), "-S", "-aec", "DTOOLS", "-aem", "STORESCP",
                    "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study['StudyInstanceUID']}",
                    "127.0.0.1", str(loaded["port"]))
-    assert b"a801" in (res.stderr + res.stdout).lower()
+    assert res.returncode != 0 and b"Move response with error status" in res.stderr + res.stdout
 
 
 def test_getscu_series(loaded, tmp_path):
@@ -329,7 +329,7 @@ def test_dstore_into_storescp_byte_identical(tmp_path):
     port = free_port()
     scp = start_storescp(storescp, out, port, "PACS", "+B")
     files = [CORPUS / n for n in ("CT_small.dcm", "MR_small_RLE.dcm", "JPEG2000.dcm", "SC_rgb_jpeg_dcmtk.dcm",
-                                  "MR_small_bigendian.dcm", "rtplan.dcm", "image_dfl.dcm")]
+                                  "ExplVR_BigEnd.dcm", "rtplan.dcm", "image_dfl.dcm", "JPEGLSNearLossless_08.dcm")]
     try:
         res = run("dstore", f"PACS@127.0.0.1:{port}", input="\n".join(map(str, files)) + "\n")
     finally:
@@ -340,6 +340,9 @@ def test_dstore_into_storescp_byte_identical(tmp_path):
     received = {pydicom.dcmread(p).SOPInstanceUID: p for p in out.iterdir()}
     for f in files:
         ds = pydicom.dcmread(f)
+        if f.name == "image_dfl.dcm":  # re-encoded: a deflated stream is sent padded to even length
+            assert pydicom.dcmread(received[ds.SOPInstanceUID]).PixelData == ds.PixelData
+            continue
         assert dataset_bytes(received[ds.SOPInstanceUID]) == dataset_bytes(f), f.name
 
 

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ..errors import InputError, RemoteError
 from .common import MAX_CONTEXTS, NATIVE, Peer, contexts_for, count_contexts, nodelay_handlers, quiet_pynetdicom
@@ -51,7 +51,8 @@ def inspect(path: str, record: dict | None = None) -> Item:
         sop_inst = str(meta.get("MediaStorageSOPInstanceUID", "") or "")
         ts = str(meta.get("TransferSyntaxUID", "") or "")
         if sop_class and sop_inst and ts:
-            return Item(str(p.absolute()), sop_class, sop_inst, ts, True, record or {})
+            # A deflated stream may have odd length, and fragments must be even: re-encode those.
+            return Item(str(p.absolute()), sop_class, sop_inst, ts, ts != DeflatedExplicitVRLittleEndian, record or {})
     except InvalidDicomError:
         pass  # no preamble/meta: a raw dataset; decode it below
     except OSError as exc:
