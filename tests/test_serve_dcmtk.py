@@ -90,6 +90,7 @@ def corpus_by_option() -> dict[str, list[str]]:
     return groups
 
 
+@pytest.mark.slow
 def test_storescu_corpus_is_archived_and_indexed(site):
     storescu = require_tool("storescu")
     for option, files in corpus_by_option().items():
@@ -298,6 +299,7 @@ def test_concurrent_associations(site, tmp_path):
     assert len(dsearch(site["home"], "instance")) == 60
 
 
+@pytest.mark.slow
 def test_sigterm_mid_transfer_leaves_no_partial_file(site, tmp_path):
     storescu = require_tool("storescu")
     src = tmp_path / "big"

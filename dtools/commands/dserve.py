@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 import errno
 import signal
 import threading
@@ -44,6 +46,9 @@ def cmd(app: cli.App, aet, port, bind, allow, destination, max_associations, tim
     sends to destinations known by AE title; C-GET returns over the same association.
     """
     from ..net.scp import Server, ServerSettings
+    # pydicom warns about every odd value a peer sends; the records and -v logs say what matters
+    warnings.filterwarnings("ignore", module="pydicom")
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
 
     cfg = app.config
     settings = ServerSettings(

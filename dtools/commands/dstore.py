@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 import queue
 import threading
 from typing import Iterator
@@ -96,6 +98,8 @@ def cmd(app: cli.App, peer: str, paths: tuple[str, ...], aet: str | None, aec: s
     the presentation contexts the files need; a file is sent as it is stored when the
     peer accepts its transfer syntax.
     """
+    warnings.filterwarnings("ignore", module="pydicom")  # odd values in files are not our errors
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
     target = resolve_peer(app, peer, aec)
     calling = check_aet(app.config.get("dstore.aet", app.config.get("dserve.aet", DEFAULT_AET), flag=aet), "--aet")
     tmo = app.config.get("dstore.timeout", 30.0, flag=timeout, type=float)

@@ -430,8 +430,8 @@ class Server:
         paths, failure = self._instances(event)
         if failure is not None:
             yield dest.host, dest.port
-            yield failure, None
-            return
+            # pynetdicom answers an exception here with 0xC513, "unable to process"
+            raise QueryError(failure.Status, str(failure.get("ErrorComment", "")))
         assert paths is not None
         pairs = set()
         for p in paths:
