@@ -31,7 +31,10 @@ PATIENTS = [
     ("SMITHERS^WAYLON", "ISO_IR 192"),
     ("O'BRIEN^MARY", "ISO_IR 6"),
 ]
-DESCRIPTIONS = ["CT CHEST WITH CONTRAST", "MR BRAIN", "CT ABDOMEN PELVIS", "MR KNEE LEFT", "CT HEAD TRAUMA"]
+DESCRIPTIONS = {
+    "CT": ["CT CHEST WITH CONTRAST", "CT ABDOMEN PELVIS", "CT HEAD TRAUMA"],
+    "MR": ["MR BRAIN", "MR KNEE LEFT", "MR SPINE LUMBAR"],
+}
 
 _TEMPLATES: dict[str, Dataset] = {}
 
@@ -66,7 +69,8 @@ def make_instance(modality: str, patient: int, study: int, series: int, number: 
     ds.StudyTime = f"{8 + study % 10:02d}{(study * 7) % 60:02d}00"
     ds.AccessionNumber = f"ACC{patient:04d}{study:03d}"
     ds.StudyID = f"S{study}"
-    ds.StudyDescription = description or DESCRIPTIONS[(patient + study) % len(DESCRIPTIONS)]
+    choices = DESCRIPTIONS[modality]
+    ds.StudyDescription = description or choices[(patient + study) % len(choices)]
     ds.SeriesDescription = f"{modality} SERIES {series + 1}"
     ds.SeriesNumber = series + 1
     ds.InstanceNumber = number + 1

@@ -258,3 +258,30 @@ def test_in_process_main(invoke, home, corpus):
     assert r.returncode == 0 and len(r.records) == 8
     r = invoke(dsearch_cmd.main, ["--table", "-L", "study"])
     assert r.returncode == 0 and "PatientName" in r.stdout.decode()
+
+
+def test_progress_bar_only_on_a_terminal(corpus, tmp_path):
+    import pty
+
+    env = {**os.environ, "DTOOLS_HOME": str(tmp_path / "h"), "COLUMNS": "100"}
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen([cmd_path("dindex"), str(corpus)], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=slave, env=env)
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # the pty closes when dindex exits
+                break
+            if not data:
+                break
+            chunks.append(data)
+        proc.wait(timeout=60)
+    finally:
+        os.close(master)
+    shown = b"".join(chunks).decode("utf-8", "replace")
+    assert "indexing" in shown and "indexed 48" in shown
+    piped = run("dindex", str(corpus), env={"DTOOLS_HOME": str(tmp_path / "h2")})
+    assert "indexing" not in piped.stderr and "\x1b[" not in piped.stderr

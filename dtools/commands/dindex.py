@@ -22,7 +22,7 @@ from .. import cli, records
 from ..dicom.header import read_header
 from ..errors import InputError
 from ..index.db import open_index
-from ..index.ingest import Indexer
+from ..index.ingest import INDEX_KEYS, Indexer
 
 CHUNK = 64  # files per task sent to a worker
 BATCH = 2000  # files per transaction
@@ -52,7 +52,7 @@ def _parse_chunk(items: list[tuple[str, int]]) -> list:
     out = []
     for path, size in items:
         try:
-            out.append(read_header(path, size))
+            out.append(read_header(path, size, INDEX_KEYS))
         except InputError as exc:
             out.append(exc)
         except Exception as exc:  # a parser bug must not take the whole run down

@@ -81,7 +81,7 @@ def dsearch(app: cli.App, terms, keys, level, fields, limit, offset, count_only,
         for rec in results:
             app.emit(rec)
             n += 1
-        app.log.info("%d %s record(s)", n, level)
+        app.log.info("%d %s record%s", n, level, "" if n == 1 else "s")
     finally:
         conn.close()
     return None
@@ -104,7 +104,8 @@ def _print_table(app: cli.App, level: str, results, columns: list[str]) -> None:
         n += 1
     # piped tables (dsearch --table | less) should not wrap at 80 columns
     Console(width=None if sys.stdout.isatty() else 200).print(t)
-    app.info(f"{n} {level}(s)")
+    plural = {"patient": "patients", "study": "studies", "series": "series", "instance": "instances"}
+    app.info(f"{n} {level if n == 1 else plural[level]}")
 
 
 main = cli.entry(dsearch)

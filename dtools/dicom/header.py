@@ -30,6 +30,7 @@ SINGLE_VALUE_VRS = frozenset((b"LT", b"ST", b"UT", b"UR"))  # backslash is text,
 LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"))
 VALID_VRS = TEXT_VRS | LONG_VRS | frozenset((b"AT", b"FL", b"FD", b"SL", b"SS", b"UL", b"US"))
 NUMERIC = {b"US": ("H", 2), b"SS": ("h", 2), b"UL": ("I", 4), b"SL": ("i", 4), b"FL": ("f", 4), b"FD": ("d", 8)}
+WANTED_VRS = TEXT_VRS | frozenset(NUMERIC)
 MAX_NUMBERS = 16  # longer numeric arrays (LUTs, tables) are not useful search keys
 MAX_TEXT = 10240  # longer text values are cut for the index
 
@@ -125,7 +126,7 @@ def _skip_item(buf, pos: int, n: int, explicit: bool) -> int:
 
 def _element_header(buf, pos: int, n: int, explicit: bool) -> tuple[int, bytes | None, int]:
     if explicit:
-        vr = bytes(buf[pos + 4 : pos + 6])
+        vr = buf[pos + 4 : pos + 6]
         if vr in LONG_VRS:
             if pos + 12 > n:
                 raise InputError("truncated DICOM file")
@@ -139,19 +140,39 @@ def _element_header(buf, pos: int, n: int, explicit: bool) -> tuple[int, bytes |
 def _walk(buf, pos: int, n: int, explicit: bool, out: list, meta: bool = False) -> int:
     """Collect top-level ``(tag, vr, start, length)`` from ``pos``; stop at Pixel Data, at
     the end, or (``meta``) after group 0002. Returns where it stopped."""
+    # the hot loop of indexing: element headers are decoded inline
+    unpack_hh = _HH.unpack_from
+    unpack_h = _H.unpack_from
+    unpack_i = _I.unpack_from
+    long_vrs, valid_vrs, wanted = LONG_VRS, VALID_VRS, WANTED_VRS
+    append = out.append
     while pos + 8 <= n:
-        g, e = _HH.unpack_from(buf, pos)
+        g, e = unpack_hh(buf, pos)
         if meta and g != 0x0002:
             return pos
-        tag = (g << 16) | e
-        if tag == PIXEL_DATA:
+        if g == 0x7FE0 and e == 0x0010:
             pos, _vr, length = _element_header(buf, pos, n, explicit)
             if length != 0xFFFFFFFF and pos + length > n:
                 raise InputError("truncated DICOM file (Pixel Data is cut short)")
             return pos
         if g == 0xFFFE:
             raise Unsupported("delimiter at top level")
-        start, vr, length = _element_header(buf, pos, n, explicit)
+        if explicit:
+            vr = buf[pos + 4 : pos + 6]
+            if vr in long_vrs:
+                if pos + 12 > n:
+                    raise InputError("truncated DICOM file")
+                length = unpack_i(buf, pos + 8)[0]
+                start = pos + 12
+            elif vr in valid_vrs:
+                length = unpack_h(buf, pos + 6)[0]
+                start = pos + 8
+            else:
+                raise Unsupported(f"unknown VR {vr!r}")
+        else:
+            vr = None
+            length = unpack_i(buf, pos + 4)[0]
+            start = pos + 8
         if length == 0xFFFFFFFF:
             pos = _skip_undefined(buf, start, n, explicit and vr != b"UN")
             continue
@@ -159,11 +180,11 @@ def _walk(buf, pos: int, n: int, explicit: bool, out: list, meta: bool = False) 
         if pos > n:
             raise InputError(f"truncated DICOM file (element ({g:04X},{e:04X}) is cut short)")
         if vr is None or vr == b"UN":  # implicit VR, or an explicit UN pydicom would resolve
-            vr = _implicit_vr(tag)
+            vr = _implicit_vr((g << 16) | e)
             if vr is None:
                 continue
-        if vr in TEXT_VRS or vr in NUMERIC:
-            out.append((tag, vr, start, length))
+        if vr in wanted:
+            append(((g << 16) | e, vr, start, length))
     if pos != n and pos + 8 > n and not meta:
         raise InputError("truncated DICOM file (partial element header at the end)")
     return pos
@@ -282,32 +303,40 @@ def _encodings(raw: bytes | None) -> list[str] | None:
         return convert_encodings(names)
 
 
-def _attrs_from_elements(buf, elements: list) -> tuple[dict, list[str]]:
+FTS_VRS = CHARSET_VRS | frozenset((b"CS", b"AE"))
+
+
+def _attrs_from_elements(buf, elements: list, keys: frozenset[str] | None) -> tuple[dict, list[str]]:
     charset_raw = None
     for tag, _vr, start, length in elements:
         if tag == 0x00080005:
-            charset_raw = bytes(buf[start : start + length])
+            charset_raw = buf[start : start + length]
             break
         if tag > 0x00080005:
             break
     encodings = _encodings(charset_raw)
     attrs: dict[str, Any] = {}
     text: list[str] = []
-    for tag, vr, start, length in elements:
-        kw = keyword(tag)
-        if kw is None or length == 0:
-            continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            value = convert(vr, bytes(buf[start : start + length]), encodings)
-        if value is None or value == "" or value == []:
-            continue
-        attrs[kw] = value
-        if vr in CHARSET_VRS or vr in (b"CS", b"AE"):
-            if isinstance(value, list):
-                text.extend(str(v) for v in value if v)
-            else:
-                text.append(value)
+    with warnings.catch_warnings():
+        # pydicom warns about odd charsets and values; a bad value is still indexed as decoded
+        warnings.simplefilter("ignore")
+        for tag, vr, start, length in elements:
+            if length == 0:
+                continue
+            is_text = vr in FTS_VRS
+            kw = _KEYWORDS[tag] if tag in _KEYWORDS else keyword(tag)
+            if kw is None or (keys is not None and not is_text and kw not in keys):
+                continue
+            value = convert(vr, buf[start : start + length], encodings)
+            if value is None or value == "" or value == []:
+                continue
+            if keys is None or kw in keys:
+                attrs[kw] = value
+            if is_text:
+                if isinstance(value, list):
+                    text.extend(str(v) for v in value if v)
+                else:
+                    text.append(value)
     return attrs, text
 
 
@@ -364,8 +393,11 @@ def _read_with_pydicom(path: str) -> Header:
 
 
 # -- entry points --------------------------------------------------------------------
-def read_header(path: str | os.PathLike, size: int | None = None) -> Header:
-    """Parse a file's header. Raises InputError with a short reason for bad files."""
+def read_header(path: str | os.PathLike, size: int | None = None, keys: frozenset[str] | None = None) -> Header:
+    """Parse a file's header. Raises InputError with a short reason for bad files.
+
+    With ``keys``, only those attributes are converted into ``attrs`` (text for free
+    search is still collected from every text attribute); without, all of them are."""
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
@@ -390,7 +422,7 @@ def read_header(path: str | os.PathLike, size: int | None = None) -> Header:
             elements, ts, _had_meta = _scan(buf)
         except (Unsupported, struct.error):
             return _read_with_pydicom(path)
-        attrs, text = _attrs_from_elements(buf, elements)
+        attrs, text = _attrs_from_elements(buf, elements, keys)
         return Header(attrs, ts, text)
     finally:
         if isinstance(buf, mmap.mmap):

@@ -25,6 +25,8 @@ def _stored(level: str) -> list[str]:
 
 
 _STORED = {level: _stored(level) for level in LEVEL_ATTRS}
+# what the parser must convert for the index (free text is collected separately)
+INDEX_KEYS = frozenset(k for level in LEVEL_ATTRS for k in _STORED[level])
 
 
 def _columns(level: str) -> list[str]:
@@ -155,7 +157,7 @@ class Indexer:
             raise InputError("no such file") from None
         except OSError as exc:
             raise InputError(f"cannot stat ({exc.strerror})") from None
-        header = read_header(path, st.st_size)
+        header = read_header(path, st.st_size, INDEX_KEYS)
         return self.add_header(path, st.st_size, st.st_mtime_ns, header, extra)
 
     def add_header(self, path: str, size: int, mtime_ns: int, header: Header, extra: dict | None = None) -> dict:

@@ -258,7 +258,13 @@ def build_where(q: Query) -> tuple[str, list]:
         inner = [c.sql.format(a=a2[c.level]) for c in lower]
         for c in lower:
             params.extend(c.params)
-        parts.append(f"{ALIAS[q.level]}.id IN (SELECT {a2[top]}.{fk} FROM {sql} WHERE {' AND '.join(inner)})")
+        if q.text:
+            # free text is selective: let FTS drive, then map its rows up to the query level
+            parts.append(f"{ALIAS[q.level]}.id IN (SELECT {a2[top]}.{fk} FROM {sql} WHERE {' AND '.join(inner)})")
+        else:
+            # attribute keys below the level: probe (parent_id, key) indexes per candidate row,
+            # so an indexed key at the query level (a date range) drives the search
+            parts.append(f"EXISTS (SELECT 1 FROM {sql} WHERE {a2[top]}.{fk} = {ALIAS[q.level]}.id AND {' AND '.join(inner)})")
     return (" AND ".join(parts) or "1"), params
 
 
