@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 import time
 
 import pydicom
@@ -266,3 +267,20 @@ def test_help_and_version(prog):
     assert run(prog, "--version").stdout.decode().startswith(f"{prog} (dtools)")
     res = run(prog, "--help")
     assert res.returncode == 0 and "--aet" in res.stdout.decode()
+
+
+def test_dserve_sync_batch_prints_records_after_sync(tmp_path):
+    from dcmtk import output, start_dserve, stop
+
+    port = free_port()
+    proc = start_dserve(tmp_path / "h", port, "--sync", "batch")
+    try:
+        paths = make_corpus(tmp_path / "c", 5, studies=1)
+        res = run("dstore", f"DTOOLS@127.0.0.1:{port}", *map(str, paths))
+    finally:
+        code = stop(proc)
+    out, err = output(proc)
+    assert res.returncode == 0 and code == 143, err
+    recs = [__import__("orjson").loads(line) for line in out.splitlines()]
+    assert sorted(r["SOPInstanceUID"] for r in recs) == sorted(pydicom.dcmread(p).SOPInstanceUID for p in paths)
+    assert all(Path(r["path"]).is_file() for r in recs)

@@ -33,10 +33,13 @@ GRACE = 10.0
               help="Concurrent associations accepted [config [dserve] max_associations; default 10].")
 @click.option("--timeout", type=float, metavar="SECONDS", default=None,
               help="Idle and DIMSE timeout per association [config [dserve] timeout; default 60].")
+@click.option("--sync", type=click.Choice(["always", "batch"]), default=None,
+              help="When received files are fsynced: 'always' before each C-STORE is answered, or 'batch' "
+                   "with each index batch, before its records are printed [config [dserve] sync; default always].")
 @click.option("--grace", type=float, metavar="SECONDS", default=None,
               help=f"On SIGTERM, how long running associations may finish before they are aborted "
                    f"[config [dserve] grace; default {GRACE:g}].")
-def cmd(app: cli.App, aet, port, bind, allow, destination, max_associations, timeout, grace):
+def cmd(app: cli.App, aet, port, bind, allow, destination, max_associations, timeout, sync, grace):
     """Listen for DICOM associations and serve this site's archive and index.
 
     C-STORE writes each instance atomically into HOME/archive/<Study>/<Series>/<SOP>.dcm,
@@ -61,7 +64,10 @@ def cmd(app: cli.App, aet, port, bind, allow, destination, max_associations, tim
         destinations=destinations(cfg, destination),
         max_associations=cfg.get("dserve.max_associations", 10, flag=max_associations, type=int),
         timeout=cfg.get("dserve.timeout", 60.0, flag=timeout, type=float),
+        sync=str(cfg.get("dserve.sync", "always", flag=sync)),
     )
+    if settings.sync not in ("always", "batch"):
+        raise ConfigError(f"[dserve] sync = {settings.sync!r}: use \"always\" or \"batch\"")
     grace_s = cfg.get("dserve.grace", GRACE, flag=grace, type=float)
     if settings.max_associations < 1:
         raise ConfigError("--max-associations must be at least 1")

@@ -36,6 +36,31 @@ def quiet_pynetdicom(level: int = logging.CRITICAL) -> None:
     logging.getLogger("pynetdicom").setLevel(level)
 
 
+POLL = 0.0002  # seconds; pynetdicom's reactors poll every 1 ms
+
+
+def tune_pynetdicom(poll: float = POLL) -> None:
+    """Shorten pynetdicom's polling sleeps.
+
+    Its association and DUL threads poll queues with time.sleep(0.001); each C-STORE
+    waits through several of those sleeps, which costs more than the store itself.
+    The reactors' logic is unchanged, they only look again sooner.
+    """
+    import time as _time
+    import types
+
+    from pynetdicom import association, dul
+
+    if getattr(association.time, "_dtools", False):
+        return
+    shim = types.ModuleType("time")
+    shim.__dict__.update({k: getattr(_time, k) for k in dir(_time) if not k.startswith("__")})
+    shim.sleep = lambda s: _time.sleep(min(s, poll))  # type: ignore[attr-defined]
+    shim._dtools = True  # type: ignore[attr-defined]
+    association.time = shim
+    dul.time = shim
+
+
 def check_aet(value: str, what: str = "AE title") -> str:
     """An AE title: 1-16 characters of the default repertoire, not all spaces, no backslash."""
     aet = (value or "").strip()

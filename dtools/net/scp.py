@@ -23,9 +23,9 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.multival import MultiValue
 
-from ..dicom.archive import AtomicFile, archive_path
+from ..dicom.archive import AtomicFile, archive_path, fsync_dir, fsync_path
 from ..errors import DtoolsError, InputError
-from .common import Peer, contexts_for, nodelay_handlers, quiet_pynetdicom, set_nodelay
+from .common import Peer, contexts_for, nodelay_handlers, quiet_pynetdicom, set_nodelay, tune_pynetdicom
 
 log = logging.getLogger("dtools")
 
@@ -45,6 +45,7 @@ PATIENT_ROOT = {
     "1.2.840.10008.5.1.4.1.2.1.3",  # - GET
 }
 _STOP = object()
+LINGER = 0.05  # seconds the indexer waits to fill a batch when it also syncs it
 
 
 def status(code: int, comment: str | None = None) -> Dataset:
@@ -67,13 +68,16 @@ class ServerSettings:
     max_associations: int = 10
     timeout: float = 60.0
     batch: int = 200
+    sync: str = "always"  # "always": fsync before answering C-STORE; "batch": fsync with the index batch
 
 
 class IndexWriter(threading.Thread):
     """Indexes stored files in batched transactions, then emits their records in order."""
 
-    def __init__(self, index_path: Path, emit: Callable[[dict], None], on_fatal: Callable[[str], None], batch: int = 200):
+    def __init__(self, index_path: Path, emit: Callable[[dict], None], on_fatal: Callable[[str], None], batch: int = 200,
+                 sync_files: bool = False):
         super().__init__(name="dserve-indexer", daemon=True)
+        self.sync_files = sync_files
         self.index_path = index_path
         self.emit = emit
         self.on_fatal = on_fatal
@@ -109,15 +113,20 @@ class IndexWriter(threading.Thread):
                     if first is _STOP:
                         break
                     batch = [first]
+                    # with sync = "batch", wait a little for more files: one sync for all of them
+                    until = time.monotonic() + (LINGER if self.sync_files else 0)
                     while len(batch) < self.batch:
                         try:
-                            nxt = self.q.get_nowait()
+                            nxt = self.q.get(timeout=max(0.0, until - time.monotonic())) if self.sync_files \
+                                else self.q.get_nowait()
                         except queue.Empty:
                             break
                         if nxt is _STOP:
                             stopping = True
                             break
                         batch.append(nxt)
+                    if self.sync_files:
+                        _sync_batch(batch)
                     done = []
                     for path in batch:
                         try:
@@ -139,6 +148,34 @@ class IndexWriter(threading.Thread):
             self.on_fatal(self.error)
         finally:
             conn.close()
+
+
+def _syncfs(path: Path) -> bool:
+    """syncfs(2) on the file system holding `path`: one journal commit for a whole batch."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return libc.syncfs(fd) == 0
+        finally:
+            os.close(fd)
+    except (OSError, AttributeError):
+        return False
+
+
+def _sync_batch(paths: list[Path]) -> None:
+    """Make a batch of stored files durable (sync = "batch"): syncfs, else fsync each file and directory."""
+    if paths and _syncfs(Path(paths[0]).parent):
+        return
+    for p in paths:
+        try:
+            fsync_path(p)
+        except OSError as exc:
+            log.error("%s: cannot fsync (%s)", p, exc.strerror or exc)
+    for d in {Path(p).parent for p in paths}:
+        fsync_dir(d)
 
 
 class Inflight:
@@ -173,6 +210,7 @@ class Server:
 
     def __init__(self, settings: ServerSettings, emit: Callable[[dict], None]):
         quiet_pynetdicom()
+        tune_pynetdicom()
         self.s = settings
         self.emit = emit
         self.stopping = False
@@ -183,7 +221,8 @@ class Server:
         self.stored = 0
         self.started = time.time()
         self._server: Any = None
-        self.indexer = IndexWriter(settings.index_path, emit, self._on_fatal, settings.batch)
+        self.indexer = IndexWriter(settings.index_path, emit, self._on_fatal, settings.batch,
+                                   sync_files=settings.sync == "batch")
         self.ae = self._make_ae()
 
     # -- setup ---------------------------------------------------------------------
@@ -323,7 +362,7 @@ class Server:
                     str(event.request.AffectedSOPClassUID), str(ds.SOPInstanceUID), str(ctx.transfer_syntax),
                     event.assoc.requestor.ae_title,
                 )
-                with AtomicFile(target) as f:
+                with AtomicFile(target, sync=self.s.sync == "always") as f:
                     f.write(head)
                     f.write(event.request.DataSet.getbuffer())
             except OSError as exc:
