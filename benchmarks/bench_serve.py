@@ -89,7 +89,8 @@ def run_dserve(corpus: Path, n: int, sync: str) -> tuple[float, float]:
     home = Path(tempfile.mkdtemp(prefix="bench-dserve-"))
     port = free_port()
     proc = subprocess.Popen(["nice", str(BIN / "dserve"), "-q", "--home", str(home), "--bind", "127.0.0.1",
-                             "--port", str(port), "--sync", sync], stdout=subprocess.PIPE, env=ENV)
+                             "--port", str(port), "--sync", sync], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env=ENV)
     try:
         wait_port(port)
         counter: list = [0]
@@ -170,7 +171,8 @@ def bench_find(db: Path, repeat: int) -> None:
     port = free_port()
     env = {**ENV, "DTOOLS_INDEX_PATH": str(db.resolve())}
     proc = subprocess.Popen(["nice", str(BIN / "dserve"), "-q", "--home", str(home), "--bind", "127.0.0.1",
-                             "--port", str(port)], stdout=subprocess.DEVNULL, env=env)
+                             "--port", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
     try:
         wait_port(port)
         ae = AE(ae_title="BENCH")

@@ -49,10 +49,15 @@ def tune_pynetdicom(poll: float = POLL) -> None:
     import time as _time
     import types
 
-    from pynetdicom import association, dul
+    from pynetdicom import association, dul, transport
 
     if getattr(association.time, "_dtools", False):
         return
+    # Every accepted association deep-copies the server's ~180 presentation contexts
+    # (30 ms, most of a C-FIND's latency). Negotiation only reads them and builds new
+    # result contexts, so a new list of the same contexts is enough.
+    deep = transport.deepcopy
+    transport.deepcopy = lambda value, memo=None: list(value) if isinstance(value, list) else deep(value, memo)
     shim = types.ModuleType("time")
     shim.__dict__.update({k: getattr(_time, k) for k in dir(_time) if not k.startswith("__")})
     shim.sleep = lambda s: _time.sleep(min(s, poll))  # type: ignore[attr-defined]

@@ -24,7 +24,7 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.multival import MultiValue
 
 from ..dicom.archive import AtomicFile, archive_path, fsync_dir, fsync_path
-from ..errors import DtoolsError, InputError
+from ..errors import ConfigError, DtoolsError, InputError
 from .common import Peer, contexts_for, nodelay_handlers, quiet_pynetdicom, set_nodelay, tune_pynetdicom
 
 log = logging.getLogger("dtools")
@@ -279,7 +279,7 @@ class Server:
         self.indexer.start()
         self.indexer.ready.wait(30)
         if self.indexer.error:
-            raise InputError(self.indexer.error)
+            raise ConfigError(self.indexer.error + "; check --home or [index] path")
         self._server = self.ae.start_server(
             (self.s.bind, self.s.port), block=False, evt_handlers=self.handlers(), ae_title=self.s.aet
         )
@@ -413,7 +413,9 @@ class Server:
                 yield PENDING, response(ident, wanted, row, level, self.s.aet)
             log.info("C-FIND %s level: %d matches", level, n)
         except DtoolsError as exc:
-            log.error("C-FIND refused: %s", exc)
+            # the message may quote key values (patient data): details only with -v
+            log.error("C-FIND from %s refused: a key value cannot be understood", event.assoc.requestor.ae_title)
+            log.info("C-FIND refused: %s", exc)
             yield status(CANNOT_UNDERSTAND, str(exc)), None
             return
         except Exception as exc:  # noqa: BLE001 - sqlite busy, disk errors
