@@ -31,10 +31,14 @@ IDLE = object()  # stdin has nothing to read right now: commit what we have
 
 
 # -- worker side ---------------------------------------------------------------------
+_FORK_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _worker_init(parent: int) -> None:
     # Ctrl-C and SIGTERM are the parent's to handle; it shuts the pool down.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_SIGNALS)  # blocked by the parent around fork
     # A parent killed with SIGKILL cannot shut the pool down: die with it instead of
     # waiting forever for work (Linux; elsewhere the pool's own checks apply).
     try:
@@ -202,7 +206,13 @@ class Run:
         if self.jobs > 1:
             if self.pool is None:
                 self.pool = ProcessPoolExecutor(max_workers=self.jobs, initializer=_worker_init, initargs=(os.getpid(),))
-            fut = self.pool.submit(_parse_chunk, [(p, st.st_size) for p, st, _ in items])
+            # The pool forks inside submit. A signal handler that raises there lands in
+            # logging's fork hooks, which swallow the exception: hold signals until after.
+            old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_SIGNALS)
+            try:
+                fut = self.pool.submit(_parse_chunk, [(p, st.st_size) for p, st, _ in items])
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         else:
             fut = Future()
             fut.set_result(_parse_chunk([(p, st.st_size) for p, st, _ in items]))
