@@ -22,6 +22,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.multival import MultiValue
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 
 from ..dicom.archive import AtomicFile, archive_path, fsync_dir, fsync_path
 from ..errors import ConfigError, DtoolsError, InputError
@@ -87,8 +88,9 @@ class IndexWriter(threading.Thread):
         self.error: str | None = None
         self.indexed = 0
 
-    def put(self, path: Path) -> None:
-        self.q.put(path)
+    def put(self, path: Path, header: Any = None) -> None:
+        """Queue a stored file, with its parsed header when the store already has it."""
+        self.q.put((path, header))
 
     def stop(self, timeout: float | None = None) -> None:
         self.q.put(_STOP)
@@ -126,11 +128,17 @@ class IndexWriter(threading.Thread):
                             break
                         batch.append(nxt)
                     if self.sync_files:
-                        _sync_batch(batch)
+                        _sync_batch([p for p, _h in batch])
                     done = []
-                    for path in batch:
+                    for path, header in batch:
                         try:
-                            done.append(indexer.add(str(path)))
+                            if header is None:
+                                done.append(indexer.add(str(path)))
+                            else:
+                                st = os.stat(path)
+                                done.append(indexer.add_header(str(path), st.st_size, st.st_mtime_ns, header))
+                        except FileNotFoundError:
+                            log.error("%s: replaced or removed before it was indexed", path)
                         except DtoolsError as exc:
                             log.error("%s: stored but not indexed (%s); run dindex on it", path, exc)
                     indexer.flush()
@@ -345,31 +353,36 @@ class Server:
         if self.stopping:
             return status(OUT_OF_RESOURCES, "server is shutting down")
         with self.inflight:
+            req = event.request
+            ts = str(event.context.transfer_syntax)
+            calling = event.assoc.requestor.ae_title
+            data = req.DataSet.getbuffer()
+            header = None
             try:
-                ds = event.dataset
-                target = archive_path(
-                    self.s.archive, ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID"), ds.get("SOPInstanceUID")
-                )
+                header = scan_header(req, ts, calling, data)
+                if header is not None:
+                    attrs = header[1].attrs
+                    study, series, sop = attrs.get("StudyInstanceUID"), attrs.get("SeriesInstanceUID"), attrs.get("SOPInstanceUID")
+                else:  # deflated or big endian: let pydicom decode it
+                    ds = event.dataset
+                    study, series, sop = ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID"), ds.get("SOPInstanceUID")
+                target = archive_path(self.s.archive, study, series, sop)
             except InputError as exc:
-                log.error("C-STORE from %s refused: %s", event.assoc.requestor.ae_title, exc)
+                log.error("C-STORE from %s refused: %s", calling, exc)
                 return status(CANNOT_UNDERSTAND, str(exc))
             except Exception as exc:  # noqa: BLE001 - undecodable dataset
-                log.error("C-STORE from %s refused: cannot decode the data set (%s)", event.assoc.requestor.ae_title, exc)
+                log.error("C-STORE from %s refused: cannot decode the data set (%s)", calling, exc)
                 return status(CANNOT_UNDERSTAND, "cannot decode the data set")
             try:
-                ctx = event.context
-                head = file_header(
-                    str(event.request.AffectedSOPClassUID), str(ds.SOPInstanceUID), str(ctx.transfer_syntax),
-                    event.assoc.requestor.ae_title,
-                )
+                head = header[0] if header else file_header(str(req.AffectedSOPClassUID), str(sop), ts, calling)
                 with AtomicFile(target, sync=self.s.sync == "always") as f:
                     f.write(head)
-                    f.write(event.request.DataSet.getbuffer())
+                    f.write(data)
             except OSError as exc:
                 log.error("%s: cannot write (%s)", target, exc.strerror or exc)
                 return status(OUT_OF_RESOURCES, f"cannot write to the archive ({exc.strerror or exc})")
             self.stored += 1
-            self.indexer.put(target)
+            self.indexer.put(target, header[1] if header else None)
             return SUCCESS
 
     # -- query ------------------------------------------------------------------------
@@ -519,6 +532,30 @@ def _element(tag_elem: int, vr: bytes, value: bytes) -> bytes:
     if vr == b"OB":
         return struct.pack("<HH2sHI", 0x0002, tag_elem, vr, 0, len(value)) + value
     return struct.pack("<HH2sH", 0x0002, tag_elem, vr, len(value)) + value
+
+
+def scan_header(req: Any, transfer_syntax: str, calling: str, data: Any) -> tuple[bytes, Any] | None:
+    """(file meta bytes, parsed Header) of a received data set, without pydicom.
+
+    Uses the index's own header scanner on the file image, so the indexer does not
+    read the file again. None for encodings the scanner leaves to pydicom.
+    """
+    from ..dicom import header as hdr
+
+    if transfer_syntax in (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian):
+        return None
+    sop = str(req.AffectedSOPInstanceUID)
+    head = file_header(str(req.AffectedSOPClassUID), sop, transfer_syntax, calling)
+    image = head + bytes(data)
+    try:
+        elements, ts, _meta = hdr._scan(image)
+        attrs, text = hdr._attrs_from_elements(image, elements, None)
+    except (hdr.Unsupported, struct.error):
+        return None
+    if attrs.get("SOPInstanceUID") and attrs["SOPInstanceUID"] != sop:
+        # the data set names another instance than the request: its own UID wins
+        head = file_header(str(req.AffectedSOPClassUID), str(attrs["SOPInstanceUID"]), transfer_syntax, calling)
+    return head, hdr.Header(attrs, ts, text)
 
 
 def file_header(sop_class: str, sop_instance: str, transfer_syntax: str, source_aet: str) -> bytes:
