@@ -3,7 +3,7 @@
 
     python benchmarks/bench_serve.py [--instances 2000] [--repeat 3] [--index benchmarks/work/1m.db]
 
-1. C-STORE: --instances small CT instances (16x16, about 4 KB) sent by DCMTK storescu
+1. C-STORE: --instances small CT instances (16x16, about 1.4 KB) sent by DCMTK storescu
    over one association to dserve and to DCMTK storescp, alternately, --repeat times,
    TCP_NODELAY=1 for both. Reports the median instances/s and MB/s and the ratio.
    dserve's time ends with storescu's last response (the files are durable in the
