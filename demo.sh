@@ -1,21 +1,52 @@
 #!/bin/sh
-# dtools demo: index a few sample studies and search them.
-# Everything lives under ./demo (delete it to start over); nothing else is touched.
+# dtools demo: two sites on this machine exchange a study through a Maildir relay.
+# Site A indexes sample studies, finds the CT studies of January 2026, seals them for
+# site B and sends them; site B receives, opens, indexes them and sends a signed
+# receipt back. Everything lives under ./demo, or $DTOOLS_DEMO_DIR (delete it to start over).
 set -eu
 cd "$(dirname "$0")"
 if [ -x .venv/bin/dindex ]; then PATH="$PWD/.venv/bin:$PATH"; fi
-export DTOOLS_HOME="$PWD/demo/site-a"
-mkdir -p demo
+DEMO="${DTOOLS_DEMO_DIR:-$PWD/demo}"
+A="$DEMO/site-a"
+B="$DEMO/site-b"
+mkdir -p "$A" "$B"
 
-echo "== sample studies (CT and MR, names in several character sets) =="
-[ -d demo/data ] || python -m dtools.sample demo/data --studies 8
+step() { printf '\n== %s ==\n' "$*"; }
 
-echo "== dindex: index them =="
-dindex -q demo/data
+step "site identities (dseal keygen)"
+[ -n "$(ls -A "$A/keys" 2>/dev/null)" ] || dseal --home "$A" keygen site-a > "$DEMO/site-a.pub"
+[ -n "$(ls -A "$B/keys" 2>/dev/null)" ] || dseal --home "$B" keygen site-b > "$DEMO/site-b.pub"
+for site in a b; do
+    other=$([ $site = a ] && echo b || echo a)
+    cat > "$DEMO/site-$site/config.toml" <<TOML
+[site]
+name = "site-$site"
 
-echo "== dsearch: the studies =="
-dsearch --level study --table --fields PatientName,PatientID,StudyDate,ModalitiesInStudy,StudyDescription
-echo "== dsearch: CT studies in January 2026, as records =="
-dsearch --level study Modality=CT StudyDate=20260101-20260131 --fields PatientName,StudyDate,StudyInstanceUID
-echo "== dsearch: free text =="
-dsearch --level patient 山田 --fields PatientName,PatientID
+[relay]
+url = "maildir:$DEMO/relay"
+
+[peers.site-$other]
+identity = "$(cat "$DEMO/site-$other.pub")"
+TOML
+done
+dseal --home "$A" peers
+
+step "site A: index sample studies (CT and MR, names in several character sets)"
+[ -d "$DEMO/data" ] || python -m dtools.sample "$DEMO/data" --studies 8
+dindex --home "$A" -q "$DEMO/data"
+dsearch --home "$A" --level study --table --fields PatientName,StudyDate,ModalitiesInStudy,StudyDescription
+
+step "site A: seal the CT studies of January 2026 for site B and send them"
+dsearch --home "$A" Modality=CT StudyDate=20260101-20260131 \
+    | dseal --home "$A" --to site-b \
+    | dmail-send --home "$A"
+
+step "site B: receive, open, index, and send a receipt"
+dmail-recv --home "$B" \
+    | dseal --home "$B" --open \
+    | dindex --home "$B" \
+    | dmail-send --home "$B" --receipts > /dev/null
+dsearch --home "$B" --level study --table --fields PatientName,StudyDate,ModalitiesInStudy,StudyDescription
+
+step "site A: the receipt comes back"
+dmail-recv --home "$A"

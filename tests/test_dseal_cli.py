@@ -27,6 +27,19 @@ def sites(tmp_path):
     return make_sites(tmp_path / "sites")
 
 
+def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[bytes, bytes]:
+    """communicate(), but a hung process dumps its threads' stacks (faulthandler) into the failure."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        _out, err = proc.communicate(timeout=30)
+        pytest.fail(f"process hung after the signal; its stacks:\n{err.decode(errors='replace')[-8000:]}")
+
+
+FAULT_ENV = dict(os.environ, PYTHONFAULTHANDLER="1")
+
+
 def archive_files(home: Path) -> list[Path]:
     root = home / "archive"
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
@@ -181,6 +194,11 @@ def test_passphrase_mode_cli(tmp_path):
     _uid, files = make_study(tmp_path / "src", n=2)
     sealed = dseal(a, "--to", "site-b", "--passphrase-file", str(pw), *map(str, files))
     assert sealed.returncode == 0, sealed.stderr
+    assert "warning" not in sealed.stderr
+    short = tmp_path / "short"
+    short.write_text("hunter2\n")
+    weak = dseal(a, "--to", "site-b", "--passphrase-file", str(short), str(files[0]))
+    assert weak.returncode == 0 and "only 7 bytes" in weak.stderr
     env = sealed.records[0]
     assert env["from"] == "site-a"
     r = dseal(b, "--open", env["path"])  # no keys, no passphrase: nothing to open with
@@ -219,12 +237,12 @@ def test_killed_open_leaves_archive_clean_and_rerun_finishes(sites, tmp_path):
     spool = sites["site-b"] / "spool"
     for sig in (signal.SIGKILL, signal.SIGTERM):
         proc = subprocess.Popen([cmd_path("dseal"), "--home", str(sites["site-b"]), "--open", env["path"]],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=FAULT_ENV)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not any(spool.glob(f"{STAGING_PREFIX}{proc.pid}-*/*.part")):
             time.sleep(0.005)
         proc.send_signal(sig)
-        out, err = proc.communicate(timeout=60)
+        out, err = finish(proc)
         if proc.returncode == 0:
             pytest.skip("open finished before the signal arrived")
         assert archive_files(sites["site-b"]) == []
@@ -325,3 +343,33 @@ def test_record_kinds(sites, tmp_path):
     r2 = dseal(sites["site-b"], "--open", input=r.stdout + receipt.encode() + b"\n")
     assert r2.returncode == 0, r2.stderr
     assert len(r2.records) == 1 and "skipped 1 record" in r2.stderr
+
+
+@pytest.mark.slow
+def test_terminated_or_killed_seal_leaves_no_envelope(sites, tmp_path):
+    _uid, files = make_study(tmp_path / "src", n=6, pixels=16 << 20)
+    outbox = sites["site-a"] / "outbox"
+    outbox.mkdir(exist_ok=True)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        proc = subprocess.Popen([cmd_path("dseal"), "--home", str(sites["site-a"]), "--to", "site-b",
+                                 *map(str, files)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=FAULT_ENV)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(outbox.glob(".*.tmp")):
+            time.sleep(0.005)
+        proc.send_signal(sig)
+        out, err = finish(proc)
+        if proc.returncode == 0:
+            pytest.skip("seal finished before the signal arrived")
+        assert out == b""
+        assert not list(outbox.glob("*.dtenv")), "a half-written envelope became visible"
+        if sig == signal.SIGTERM:
+            assert proc.returncode == 143 and b"terminated" in err
+            assert list(outbox.iterdir()) == []
+    # SIGKILL leaves its temporary; a later run removes it once it is old.
+    [stale] = list(outbox.glob(".*.tmp"))
+    old = time.time() - 7200
+    os.utime(stale, (old, old))
+    r = dseal(sites["site-a"], "--to", "site-b", str(files[0]))
+    assert r.returncode == 0
+    assert not stale.exists()
+    assert [p.name for p in outbox.iterdir()] == [r.records[0]["envelope_id"] + ".dtenv"]

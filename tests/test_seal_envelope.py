@@ -373,3 +373,22 @@ def test_not_an_envelope(sites, tmp_path):
     future = tmp_path / "future.dtenv"
     future.write_bytes(envelope.PRELUDE.pack(envelope.MAGIC, 9, 0, 2) + b"{}")
     must_fail(sites["site-b"], future, "upgrade dtools")
+
+
+def test_wrong_file_digest_from_a_real_peer_is_rejected(sites, study, tmp_path, monkeypatch):
+    # A sender (or a bug) that signs a payload whose digests do not match its files.
+    _uid, files = study
+    real_call = envelope._Stage.call
+    monkeypatch.setattr(envelope._Stage, "call", lambda self, fn: (real_call(self, fn), bytes(32))[1])
+    env = seal_file(tmp_path, sites["site-a"], ["site-b"], files)
+    monkeypatch.undo()
+    must_fail(sites["site-b"], env, "does not match (damaged or forged payload)")
+
+
+@pytest.mark.parametrize("delta,match", [(+10, "shorter"), (-10, "grew")])
+def test_file_changing_while_sealing_fails_the_envelope(sites, study, tmp_path, delta, match):
+    _uid, files = study
+    entries = entries_for(files)
+    entries[1].size += delta
+    with pytest.raises(InputError, match=match):
+        seal_file(tmp_path, sites["site-a"], ["site-b"], files, entries=entries)

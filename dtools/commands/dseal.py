@@ -16,7 +16,7 @@ from .. import cli
 from ..errors import ConfigError, InputError, TempFailure, UsageError
 from ..seal import keys
 from ..seal.opening import Opener
-from ..seal.sealing import GROUPS, collect, read_passphrase, seal_group, stat_size
+from ..seal.sealing import GROUPS, clean_stale_envelopes, collect, read_passphrase, seal_group, stat_size
 
 
 class _Group(click.Group):
@@ -55,6 +55,9 @@ def dseal(app, to, open_, group, passphrase_file, null):
     if not open_ and not to:
         raise UsageError("say what to do: --to PEER to seal, --open to open envelopes, or a subcommand (keygen, peers)")
     passphrase = read_passphrase(passphrase_file) if passphrase_file else None
+    if passphrase is not None and len(passphrase) < 16 and not open_:
+        app.err(f"warning: the passphrase has only {len(passphrase)} bytes; a captured envelope lets anyone "
+                "try to guess it offline, so use a long random one (and keys where you can)")
     if paths:
         inputs = ({"path": p} for p in paths)
     else:
@@ -105,6 +108,8 @@ def _seal(app, inputs, to, group, passphrase):
             raise ConfigError("this site has no name; set [site] name in config.toml or run 'dseal keygen NAME'")
         keys.check_name(sender, "site name")
     outbox = config.dir("outbox")
+    if clean_stale_envelopes(outbox):
+        app.log.info("removed temporaries left in %s by a killed run", outbox)
     groups = collect(inputs, how, app.fail, app.log.info)
     total = sum(g.bytes for g in groups)
     sealed = 0

@@ -86,8 +86,16 @@ class AtomicFile:
 
     def __enter__(self) -> IO[bytes]:
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), self.mode)
-        self.file = os.fdopen(fd, "wb")
+        try:
+            fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), self.mode)
+            self.file = os.fdopen(fd, "wb")
+        except BaseException:
+            # A signal (SIGTERM, Ctrl-C) right after the file was created: __exit__ will not run.
+            try:
+                self.tmp.unlink()
+            except OSError:
+                pass
+            raise
         return self.file
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -17,7 +17,7 @@ import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Callable, Iterable, Iterator
+from typing import IO, Callable, Iterator
 
 import orjson
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -153,7 +153,10 @@ class _Stage:
         if self.error is not None:
             raise self.error
 
-    def abort(self) -> None:
+    def abort(self, wait: float = 2.0) -> None:
+        """Stop after the current call. Waits at most ``wait`` seconds: an fsync stuck behind
+        other processes' writes must not hold up Ctrl-C or SIGTERM. A call still running
+        touches only its own open file, which the caller's cleanup unlinks."""
         if self.thread.is_alive():
             self.error = self.error or InputError("aborted")
             try:  # drop what is queued so the stop marker fits
@@ -161,8 +164,17 @@ class _Stage:
                     self.q.get_nowait()
             except queue.Empty:
                 pass
-            self.q.put(self._STOP)
-            self.thread.join()
+            try:
+                self.q.put(self._STOP, timeout=wait)
+            except queue.Full:
+                return
+            self.thread.join(wait)
+
+
+def _write_all(out: IO[bytes], view: memoryview) -> None:
+    while view:  # an unbuffered write may be partial
+        n = out.write(view)
+        view = view[n:]
 
 
 class _Ring:
@@ -245,14 +257,16 @@ class Entry:
 class _ChunkWriter:
     """Plaintext in, STREAM chunks out; a full chunk is held back until more data proves it is not last.
 
-    Plaintext hashing runs on ``hasher``, ciphertext hashing and writing on ``sink``.
+    Plaintext hashing runs on ``hasher``, ciphertext hashing on ``sink`` and writing on
+    ``writer``, each on its own thread: three streams of work beside AES on the main thread.
     """
 
     def __init__(self, key: bytes, aad: bytes, sink: _Stage, hasher: _Stage, digest: hashes.Hash,
-                 out: IO[bytes], chunk: int = CHUNK):
+                 out: IO[bytes], chunk: int = CHUNK, writer: _Stage | None = None):
         self.aead = AESGCM(key)
         self.aad = aad
         self.sink = sink
+        self.writer = writer
         self.hasher = hasher
         self.digest = digest
         self.out = out
@@ -266,14 +280,23 @@ class _ChunkWriter:
 
     def _write_ct(self, view: memoryview) -> None:
         self.digest.update(view)
-        self.out.write(view)
+        if self.writer is None:
+            self.out.write(view)
+        else:
+            self.writer.submit(self.out.write, view)
+
+    def _release_ct(self, j: int) -> None:
+        if self.writer is None:
+            self.cipher.give(j)
+        else:  # after the write stage is done with the buffer
+            self.writer.submit(self.cipher.give, j, always=True)
 
     def _emit(self, last: bool) -> None:
         j, cv = self.cipher.take()
         n = self.fill + TAG
         self.aead.encrypt_into(_nonce(self.counter, last), self.mv[: self.fill], self.aad, cv[:n])
         self.sink.submit(self._write_ct, cv[:n])
-        self.sink.submit(self.cipher.give, j, always=True)
+        self.sink.submit(self._release_ct, j, always=True)
         self.hasher.submit(self.plain.give, self.idx, always=True)
         self.written += n
         self.counter += 1
@@ -371,11 +394,12 @@ def seal(out: IO[bytes], envelope_id: str, entries: list[Entry], *,
     file_digest = _sha256()
     file_digest.update(head)
     out.write(head)
-    sink = _Stage("dseal-write", RING - 2)
+    sink = _Stage("dseal-hash-ct", RING - 2)
+    write_stage = _Stage("dseal-write", RING - 2)
     hasher = _Stage("dseal-hash", 4 * RING)
     digests: list[str] = []
     try:
-        writer = _ChunkWriter(payload_key, aad, sink, hasher, file_digest, out, chunk)
+        writer = _ChunkWriter(payload_key, aad, sink, hasher, file_digest, out, chunk, write_stage)
         for entry in entries:
             meta = entry.to_json()
             writer.write(ENTRY_LEN.pack(len(meta)) + meta)
@@ -399,9 +423,11 @@ def seal(out: IO[bytes], envelope_id: str, entries: list[Entry], *,
         writer.close()
         hasher.close()
         sink.close()
+        write_stage.close()
     except BaseException:
         hasher.abort()
         sink.abort()
+        write_stage.abort()
         raise
     written = [len(head) + writer.written]
     signed = SIG_CONTEXT + file_digest.copy().finalize()
@@ -640,8 +666,9 @@ def open_envelope(f: IO[bytes], size: int, staging: Path, *, identity: Identity 
     aead = AESGCM(payload_key)
     ct_ring = _Ring(RING, step)
     pt_ring = _Ring(RING, header.chunk)
-    ct_stage = _Stage("dseal-hash", RING - 2)
-    file_stage = _Stage("dseal-write", 4 * RING)
+    ct_stage = _Stage("dseal-hash-ct", RING - 2)
+    file_stage = _Stage("dseal-hash", 4 * RING)  # SHA-256 of each file, then hands on to write_stage
+    write_stage = _Stage("dseal-write", 4 * RING)
 
     def chunks() -> Iterator[tuple[memoryview, Callable[[], None]]]:
         for i in range(n_chunks):
@@ -666,20 +693,25 @@ def open_envelope(f: IO[bytes], size: int, staging: Path, *, identity: Identity 
             finally:
                 ct_stage.submit(ct_ring.give, j, always=True)
             advance(want)
-            yield pv[: want - TAG], (lambda k=k: file_stage.submit(pt_ring.give, k, always=True))
+            yield pv[: want - TAG], (lambda k=k: file_stage.submit(release_pt, k, always=True))
 
-    def write_piece(out: IO[bytes], h: hashes.Hash, piece: memoryview) -> None:
+    def release_pt(k: int) -> None:
+        write_stage.submit(pt_ring.give, k, always=True)
+
+    def hash_piece(out: IO[bytes], h: hashes.Hash, piece: memoryview) -> None:
         h.update(piece)
-        while piece:  # unbuffered: a write may be partial
-            piece = piece[out.write(piece):]
+        write_stage.submit(_write_all, out, piece)
 
-    def finish_file(out: IO[bytes], h: hashes.Hash, expected: bytes, entry: Entry, tmp: Path) -> None:
-        out.flush()
-        os.fsync(out.fileno())
-        out.close()
+    def finish_hash(out: IO[bytes], h: hashes.Hash, expected: bytes, entry: Entry, tmp: Path) -> None:
         digest = h.finalize()
         if digest != expected:
             raise InputError(f"digest of {entry.name} does not match (damaged or forged payload)")
+        write_stage.submit(finish_file, out, digest, entry, tmp)
+
+    def finish_file(out: IO[bytes], digest: bytes, entry: Entry, tmp: Path) -> None:
+        out.flush()
+        os.fsync(out.fileno())
+        out.close()
         files.append((entry, tmp, digest.hex()))
 
     files: list[tuple[Entry, Path, str]] = []
@@ -705,15 +737,17 @@ def open_envelope(f: IO[bytes], size: int, staging: Path, *, identity: Identity 
             out = os.fdopen(fd, "wb", buffering=0)
             opened_files.append(out)
             for piece in reader.stream(entry.size):
-                file_stage.submit(write_piece, out, h, piece)
-            file_stage.submit(finish_file, out, h, reader.read_exact(32), entry, tmp)
+                file_stage.submit(hash_piece, out, h, piece)
+            file_stage.submit(finish_hash, out, h, reader.read_exact(32), entry, tmp)
         if not reader.at_end():
             raise InputError("payload has data after its end marker (damaged envelope)")
         ct_stage.close()
         file_stage.close()
+        write_stage.close()
     except BaseException:
         ct_stage.abort()
         file_stage.abort()
+        write_stage.abort()
         raise
     finally:
         for out in opened_files:

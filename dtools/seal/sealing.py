@@ -140,6 +140,26 @@ def seal_group(group: Group, outbox: Path, *, identity: Identity | None, recipie
     }
 
 
+def clean_stale_envelopes(outbox: Path, max_age: float = 3600.0) -> int:
+    """Remove temporaries of envelopes left by a killed seal; returns how many.
+
+    A running seal keeps writing its temporary, so one untouched for an hour is dead;
+    younger ones may belong to a concurrent run and are left alone.
+    """
+    import time
+
+    n = 0
+    now = time.time()
+    for p in outbox.glob(".*" + envelope.SUFFIX + ".*.tmp"):
+        try:
+            if now - p.lstat().st_mtime > max_age:
+                p.unlink()
+                n += 1
+        except OSError:
+            pass
+    return n
+
+
 def read_passphrase(path: str) -> bytes:
     """The passphrase in a file (first line, trailing newline dropped)."""
     from ..errors import UsageError
