@@ -59,17 +59,28 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_path(path: Path) -> None:
+    """Make an already written file durable (its data; see fsync_dir for its name)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class AtomicFile:
     """A file written to a temporary name beside its target, fsynced, then renamed.
 
     Use as a context manager; on an exception (or SIGTERM/Ctrl-C) the temporary file is
     removed and the target is untouched. The target's directories are created, and
-    must not be symlinks.
+    must not be symlinks. With ``sync=False`` the caller makes the file and its
+    directory durable later (``fsync_path``), e.g. a whole batch at once.
     """
 
-    def __init__(self, target: Path, mode: int = 0o644):
+    def __init__(self, target: Path, mode: int = 0o644, sync: bool = True):
         self.target = Path(target)
         self.mode = mode
+        self.sync = sync
         self.tmp = self.target.parent / f".{self.target.name}.{secrets.token_hex(6)}.tmp"
         self.file: IO[bytes] | None = None
 
@@ -92,11 +103,13 @@ class AtomicFile:
         try:
             if exc_type is None:
                 self.file.flush()
-                os.fsync(self.file.fileno())
+                if self.sync:
+                    os.fsync(self.file.fileno())
             self.file.close()
             if exc_type is None:
                 os.replace(self.tmp, self.target)
-                fsync_dir(self.target.parent)
+                if self.sync:
+                    fsync_dir(self.target.parent)
         finally:
             if self.tmp.exists():
                 try:

@@ -1,0 +1,132 @@
+"""dserve: a DICOM node on the site's index and archive (C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+import errno
+import signal
+import threading
+
+import click
+
+from .. import cli
+from ..errors import ConfigError
+from ..net.common import DEFAULT_AET, DEFAULT_PORT, check_aet, destinations, parse_port
+
+GRACE = 10.0
+
+
+@cli.command("dserve", short_help="Serve the archive and index as a DICOM node (Storage, Query/Retrieve).")
+@click.option("--aet", metavar="AET", default=None,
+              help=f"Our AE title [env DTOOLS_DSERVE_AET; config [dserve] aet; default {DEFAULT_AET}].")
+@click.option("--port", metavar="PORT", default=None,
+              help=f"TCP port to listen on [config [dserve] port; default {DEFAULT_PORT}].")
+@click.option("--bind", "--host", "bind", metavar="ADDR", default=None,
+              help="Address to listen on [config [dserve] bind; default 0.0.0.0, all interfaces].")
+@click.option("--allow", metavar="AET", multiple=True,
+              help="Accept associations only from this calling AE title (repeatable) "
+                   "[config [dserve] allow = [...]; default anyone].")
+@click.option("--destination", metavar="AET=HOST:PORT", multiple=True,
+              help="A C-MOVE destination (repeatable), added to [dserve.destinations].")
+@click.option("--max-associations", type=int, metavar="N", default=None,
+              help="Concurrent associations accepted [config [dserve] max_associations; default 10].")
+@click.option("--timeout", type=float, metavar="SECONDS", default=None,
+              help="Idle and DIMSE timeout per association [config [dserve] timeout; default 60].")
+@click.option("--sync", type=click.Choice(["always", "batch"]), default=None,
+              help="When received files are fsynced: 'always' before each C-STORE is answered, or 'batch' "
+                   "with each index batch, before its records are printed [config [dserve] sync; default always].")
+@click.option("--grace", type=float, metavar="SECONDS", default=None,
+              help=f"On SIGTERM, how long running associations may finish before they are aborted "
+                   f"[config [dserve] grace; default {GRACE:g}].")
+def cmd(app: cli.App, aet, port, bind, allow, destination, max_associations, timeout, sync, grace):
+    """Listen for DICOM associations and serve this site's archive and index.
+
+    C-STORE writes each instance atomically into HOME/archive/<Study>/<Series>/<SOP>.dcm,
+    indexes it and prints its `instance` record on standard output, so
+    `dserve | dseal --to site-b | dmail-send` relays what modalities send, live.
+    C-FIND answers from the index (Patient Root and Study Root, every level); C-MOVE
+    sends to destinations known by AE title; C-GET returns over the same association.
+    """
+    from ..net.scp import Server, ServerSettings
+    # pydicom warns about every odd value a peer sends; the records and -v logs say what matters
+    warnings.filterwarnings("ignore", module="pydicom")
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+
+    cfg = app.config
+    settings = ServerSettings(
+        aet=check_aet(cfg.get("dserve.aet", DEFAULT_AET, flag=aet), "--aet"),
+        bind=str(cfg.get("dserve.bind", "0.0.0.0", flag=bind)),
+        port=parse_port(cfg.get("dserve.port", DEFAULT_PORT, flag=port), "--port"),
+        archive=cfg.dir("archive"),
+        index_path=cfg.index_path,
+        allow=[check_aet(a, "--allow") for a in (allow or _as_list(cfg.get("dserve.allow", [])))],
+        destinations=destinations(cfg, destination),
+        max_associations=cfg.get("dserve.max_associations", 10, flag=max_associations, type=int),
+        timeout=cfg.get("dserve.timeout", 60.0, flag=timeout, type=float),
+        sync=str(cfg.get("dserve.sync", "always", flag=sync)),
+    )
+    if settings.sync not in ("always", "batch"):
+        raise ConfigError(f"[dserve] sync = {settings.sync!r}: use \"always\" or \"batch\"")
+    grace_s = cfg.get("dserve.grace", GRACE, flag=grace, type=float)
+    if settings.max_associations < 1:
+        raise ConfigError("--max-associations must be at least 1")
+    if settings.timeout <= 0 or grace_s < 0:
+        raise ConfigError("--timeout must be positive and --grace not negative")
+    cfg.ensure_home()
+
+    server = Server(settings, app.emit)
+    try:
+        server.start()
+    except OSError as exc:
+        server.shutdown(0)
+        hint = "choose another --port" if exc.errno == errno.EADDRINUSE else "check --bind and --port (ports below 1024 need privileges)"
+        raise ConfigError(f"cannot listen on {settings.bind}:{settings.port} ({exc.strerror or exc}); {hint}") from None
+
+    app.info(f"listening on {settings.bind}:{settings.port} as {settings.aet}"
+             + (f", allowing {', '.join(settings.allow)}" if settings.allow else ""))
+    # Our own signal handlers: a signal only sets a flag, and the main thread shuts down
+    # in order (stop accepting, finish or abort associations, commit the index).
+    stop = threading.Event()
+    got: list[int] = []
+
+    def on_signal(signum, frame):
+        got.append(signum)
+        stop.set()
+        if len(got) > 1:  # a second signal: stop waiting for associations
+            server.force = True
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not stop.wait(0.5):
+            if server.fatal_event.is_set():
+                break
+    finally:
+        app.log.info("shutting down")
+        server.shutdown(grace_s)
+        for s, h in old.items():
+            signal.signal(s, h)
+    app.info(f"stored {server.stored} instance(s), indexed {server.indexer.indexed}")
+    if server.fatal:
+        if "standard output was closed" in server.fatal:
+            app.err(server.fatal)
+            return 141
+        app.err(server.fatal)
+        return 75
+    if got and got[0] == signal.SIGINT:
+        raise KeyboardInterrupt
+    if got:
+        raise cli.Terminated()
+    return 0
+
+
+def _as_list(value) -> list[str]:
+    if isinstance(value, str):
+        return [v for v in value.replace(",", " ").split() if v]
+    return [str(v) for v in value or []]
+
+
+main = cli.entry(cmd)
+
+if __name__ == "__main__":
+    cli.run(cmd)

@@ -1,0 +1,286 @@
+"""dserve's SCP in-process (statuses, TCP_NODELAY, counts) and the dserve/dstore command lines."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+import time
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE, build_role, evt
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from conftest import run
+from dcmtk import free_port, make_corpus, make_instance
+from dtools.net.common import Peer, parse_peer
+from dtools.net.scp import Server, ServerSettings, file_header
+from dtools.net.scu import contexts_for, inspect, split_for_contexts
+
+
+@pytest.fixture
+def server(tmp_path):
+    home = tmp_path / "home"
+    dest_port = free_port()
+    settings = ServerSettings(
+        aet="DTOOLS", bind="127.0.0.1", port=0, archive=home / "archive", index_path=home / "index.db",
+        destinations={"DEST": Peer("DEST", "127.0.0.1", dest_port)}, timeout=10,
+    )
+    emitted: list[dict] = []
+    srv = Server(settings, emitted.append)
+    srv.start()
+    srv.emitted = emitted
+    srv.dest_port = dest_port
+    yield srv
+    srv.shutdown(2)
+
+
+def scu(*contexts, roles=()):
+    ae = AE(ae_title="TESTSCU")
+    for cx in contexts:
+        ae.add_requested_context(cx)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    return ae
+
+
+def store_files(server, paths):
+    ae = scu(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", server.s.port, ae_title="DTOOLS")
+    assert assoc.is_established
+    codes = [assoc.send_c_store(pydicom.dcmread(p)).Status for p in paths]
+    assoc.release()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and server.indexer.indexed < server.stored:
+        time.sleep(0.02)
+    return codes
+
+
+def test_store_writes_file_meta_and_data_set_as_received(server, tmp_path):
+    src = make_instance(tmp_path / "a.dcm")
+    assert store_files(server, [src]) == [0]
+    stored = list(server.s.archive.rglob("*.dcm"))
+    assert len(stored) == 1
+    ds = pydicom.dcmread(stored[0])
+    orig = pydicom.dcmread(src)
+    assert ds.file_meta.MediaStorageSOPInstanceUID == orig.SOPInstanceUID
+    assert ds.file_meta.SourceApplicationEntityTitle == "TESTSCU"
+    assert ds.PixelData == orig.PixelData and ds.PatientName == orig.PatientName
+    assert server.emitted[0]["SOPInstanceUID"] == orig.SOPInstanceUID
+    assert server.emitted[0]["path"] == str(stored[0])
+
+
+def test_file_header_matches_pydicom(tmp_path):
+    from pydicom.filereader import read_file_meta_info
+
+    head = file_header(CTImageStorage, "1.2.3.4", ExplicitVRLittleEndian, "ODD")
+    (tmp_path / "h.dcm").write_bytes(head)
+    meta = read_file_meta_info(tmp_path / "h.dcm")
+    assert meta.MediaStorageSOPClassUID == CTImageStorage
+    assert meta.MediaStorageSOPInstanceUID == "1.2.3.4"
+    assert meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert meta.SourceApplicationEntityTitle == "ODD"
+    assert meta.FileMetaInformationGroupLength == len(head) - 144
+
+
+def test_store_without_study_uid_is_cannot_understand(server, tmp_path):
+    ds = pydicom.dcmread(make_instance(tmp_path / "a.dcm"))
+    del ds.StudyInstanceUID
+    ae = scu(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", server.s.port, ae_title="DTOOLS")
+    status = assoc.send_c_store(ds)
+    ds.StudyInstanceUID = "1.2.3..4"  # not a valid UID: never becomes a path
+    status2 = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == 0xC210 and status2.Status == 0xC210
+    assert not list(server.s.archive.rglob("*.dcm"))
+
+
+def test_store_that_cannot_be_written_is_out_of_resources(server, tmp_path):
+    ds = pydicom.dcmread(make_instance(tmp_path / "a.dcm"))
+    server.s.archive.mkdir(parents=True, exist_ok=True)
+    (server.s.archive / ds.StudyInstanceUID).write_text("a file where a directory must go")
+    assert store_files(server, [tmp_path / "a.dcm"]) == [0xA700]
+    assert server.emitted == []
+
+
+def test_tcp_nodelay_on_both_ends(server):
+    seen = []
+    ae = scu(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", server.s.port, ae_title="DTOOLS",
+                         evt_handlers=[(evt.EVT_CONN_OPEN, lambda e: seen.append(e))])
+    from dtools.net.common import on_conn_open
+
+    on_conn_open(seen[0])  # what dstore and C-MOVE sub-associations use
+    client = assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    accepted = [a for a in server.ae.active_associations]
+    srv = accepted[0].dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    assoc.release()
+    assert client and srv
+
+
+def find(server, model, ident):
+    ae = scu(model)
+    assoc = ae.associate("127.0.0.1", server.s.port, ae_title="DTOOLS")
+    out = list(assoc.send_c_find(ident, model))
+    assoc.release()
+    return out
+
+
+def test_find_statuses(server, tmp_path):
+    store_files(server, make_corpus(tmp_path / "c", 6, studies=2))
+    ident = Dataset()
+    ident.QueryRetrieveLevel = "STUDY"
+    ident.StudyInstanceUID = ""
+    ident.PatientComments = ""  # not in the index: returned empty, not an error
+    ok = find(server, StudyRootQueryRetrieveInformationModelFind, ident)
+    assert [s.Status for s, _ in ok] == [0xFF00, 0xFF00, 0x0000]
+    assert all("PatientComments" in r and r.PatientComments in ("", None) for _, r in ok[:2])
+    ident.StudyDate = "2024-01-01"
+    bad_range = find(server, StudyRootQueryRetrieveInformationModelFind, ident)
+    assert bad_range[-1][0].Status == 0xC210
+    ident2 = Dataset()
+    ident2.QueryRetrieveLevel = "NOPE"
+    assert find(server, PatientRootQueryRetrieveInformationModelFind, ident2)[-1][0].Status == 0xA900
+
+
+def test_get_counts_and_missing_file(server, tmp_path):
+    paths = make_corpus(tmp_path / "c", 4, studies=1)
+    store_files(server, paths)
+    study = pydicom.dcmread(paths[0]).StudyInstanceUID
+    victim = next(server.s.archive.rglob("*.dcm"))
+    victim.unlink()  # indexed but gone: one failed sub-operation
+    received = []
+    ae = AE(ae_title="GETSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage)
+    role = build_role(CTImageStorage, scp_role=True)
+    assoc = ae.associate("127.0.0.1", server.s.port, ae_title="DTOOLS", ext_neg=[role],
+                         evt_handlers=[(evt.EVT_C_STORE, lambda e: received.append(e.dataset.SOPInstanceUID) or 0)])
+    ident = Dataset()
+    ident.QueryRetrieveLevel = "STUDY"
+    ident.StudyInstanceUID = study
+    rsps = [s for s, _ in assoc.send_c_get(ident, StudyRootQueryRetrieveInformationModelGet)]
+    assoc.release()
+    final = rsps[-1]
+    assert final.Status == 0xB000  # warning: some sub-operations failed
+    assert final.NumberOfCompletedSuboperations == 3 and final.NumberOfFailedSuboperations == 1
+    assert len(received) == 3
+    assert rsps[0].Status == 0xFF00 and rsps[0].NumberOfRemainingSuboperations == 3
+
+
+def test_move_to_unreachable_destination_is_a801(server, tmp_path):
+    paths = make_corpus(tmp_path / "c", 2, studies=1)
+    store_files(server, paths)
+    ae = scu(StudyRootQueryRetrieveInformationModelMove)
+    assoc = ae.associate("127.0.0.1", server.s.port, ae_title="DTOOLS")
+    ident = Dataset()
+    ident.QueryRetrieveLevel = "STUDY"
+    ident.StudyInstanceUID = pydicom.dcmread(paths[0]).StudyInstanceUID
+    unknown = [s.Status for s, _ in assoc.send_c_move(ident, "NOBODY", StudyRootQueryRetrieveInformationModelMove)]
+    down = [s.Status for s, _ in assoc.send_c_move(ident, "DEST", StudyRootQueryRetrieveInformationModelMove)]
+    del ident.StudyInstanceUID
+    no_key = [s.Status for s, _ in assoc.send_c_move(ident, "DEST", StudyRootQueryRetrieveInformationModelMove)]
+    assoc.release()
+    assert unknown == [0xA801] and down == [0xA801]
+    assert len(no_key) == 1 and 0xC000 <= no_key[0] <= 0xCFFF  # unable to process
+
+
+def test_contexts_split_at_128(tmp_path):
+    from dtools.net.scu import Item
+
+    items = [Item(f"/x/{i}", f"1.2.3.{i}", f"9.{i}", ExplicitVRLittleEndian, True) for i in range(100)]
+    groups = list(split_for_contexts(items))
+    assert [len(g) for g in groups] == [64, 36]  # each needs its own and an implicit fallback context
+    assert all(len(contexts_for({i.pair for i in g})) <= 128 for g in groups)
+
+
+def test_inspect_rejects_non_dicom(tmp_path):
+    from dtools.errors import InputError
+
+    bad = tmp_path / "x.dcm"
+    bad.write_bytes(b"\0" * 200)
+    with pytest.raises(InputError):
+        inspect(str(bad))
+    good = inspect(str(make_instance(tmp_path / "y.dcm")))
+    assert good.as_is and good.transfer_syntax == ExplicitVRLittleEndian
+
+
+def test_parse_peer():
+    assert parse_peer("PACS@10.0.0.5:104") == Peer("PACS", "10.0.0.5", 104)
+    assert parse_peer("[::1]:11112", "X") == Peer("X", "::1", 11112)
+    from dtools.errors import UsageError
+
+    for bad in ("PACS@host", "@h:1", "A\\B@h:1", "h:0", "h:99999", "THIS-AE-TITLE-IS-TOO-LONG@h:1"):
+        with pytest.raises(UsageError):
+            parse_peer(bad)
+
+
+# -- command lines ------------------------------------------------------------------------
+def test_dstore_unreachable_peer_exits_69(tmp_path):
+    src = make_instance(tmp_path / "a.dcm")
+    res = run("dstore", f"PACS@127.0.0.1:{free_port()}", str(src), "--timeout", "5")
+    assert res.returncode == 69
+    assert res.stderr.strip().splitlines()[-1].startswith("dstore: cannot reach PACS@127.0.0.1:")
+    assert "Traceback" not in res.stderr
+
+
+def test_dstore_usage_errors(tmp_path):
+    res = run("dstore", "NOSUCHPEER", "--home", str(tmp_path))
+    assert res.returncode == 2 and "unknown peer 'NOSUCHPEER'" in res.stderr
+    res = run("dstore", "PACS@host:notaport")
+    assert res.returncode == 2
+
+
+def test_dstore_peer_from_config(tmp_path):
+    (tmp_path / "config.toml").write_text(f'[dserve.destinations]\nPACS = "127.0.0.1:{free_port()}"\n')
+    res = run("dstore", "PACS", "--home", str(tmp_path), str(make_instance(tmp_path / "a.dcm")), "--timeout", "3")
+    assert res.returncode == 69 and "PACS@127.0.0.1" in res.stderr
+
+
+def test_dserve_port_in_use_exits_2(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        res = run("dserve", "--home", str(tmp_path / "h"), "--bind", "127.0.0.1", "--port", str(port), timeout=30)
+    assert res.returncode == 2
+    assert "cannot listen on 127.0.0.1" in res.stderr and "another --port" in res.stderr
+
+
+def test_dserve_bad_options(tmp_path):
+    res = run("dserve", "--home", str(tmp_path), "--aet", "WAY-TOO-LONG-AE-TITLE")
+    assert res.returncode == 2 and "--aet 'WAY-TOO-LONG-AE-TITLE' is not valid" in res.stderr
+    res = run("dserve", "--home", str(tmp_path), "--port", "0x")
+    assert res.returncode == 2
+
+
+@pytest.mark.parametrize("prog", ["dserve", "dstore"])
+def test_help_and_version(prog):
+    assert run(prog, "--version").stdout.decode().startswith(f"{prog} (dtools)")
+    res = run(prog, "--help")
+    assert res.returncode == 0 and "--aet" in res.stdout.decode()
+
+
+def test_dserve_sync_batch_prints_records_after_sync(tmp_path):
+    from dcmtk import output, start_dserve, stop
+
+    port = free_port()
+    proc = start_dserve(tmp_path / "h", port, "--sync", "batch")
+    try:
+        paths = make_corpus(tmp_path / "c", 5, studies=1)
+        res = run("dstore", f"DTOOLS@127.0.0.1:{port}", *map(str, paths))
+    finally:
+        code = stop(proc)
+    out, err = output(proc)
+    assert res.returncode == 0 and code == 143, err
+    recs = [__import__("orjson").loads(line) for line in out.splitlines()]
+    assert sorted(r["SOPInstanceUID"] for r in recs) == sorted(pydicom.dcmread(p).SOPInstanceUID for p in paths)
+    assert all(Path(r["path"]).is_file() for r in recs)
