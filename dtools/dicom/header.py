@@ -393,6 +393,19 @@ def _read_with_pydicom(path: str) -> Header:
 
 
 # -- entry points --------------------------------------------------------------------
+def header_from_bytes(image: bytes, keys: frozenset[str] | None = None) -> Header | None:
+    """Parse a whole file image held in memory (as a C-STORE receives it).
+
+    Returns None when the encoding is one the fast walk leaves to pydicom (big endian,
+    deflate); raises InputError for a damaged image."""
+    try:
+        elements, ts, _had_meta = _scan(image)
+    except (Unsupported, struct.error):
+        return None
+    attrs, text = _attrs_from_elements(image, elements, keys)
+    return Header(attrs, ts, text)
+
+
 def read_header(path: str | os.PathLike, size: int | None = None, keys: frozenset[str] | None = None) -> Header:
     """Parse a file's header. Raises InputError with a short reason for bad files.
 

@@ -40,6 +40,7 @@ def quiet_pynetdicom(level: int = logging.CRITICAL) -> None:
 
 
 POLL = 0.0002  # seconds; pynetdicom's reactors poll every 1 ms
+TUNED_PYNETDICOM = "3.0."  # the releases whose reactor and negotiation internals tune_pynetdicom was checked against
 
 
 def _reactor_sleep(seconds: float, poll: float = POLL) -> None:
@@ -76,9 +77,14 @@ def tune_pynetdicom(poll: float = POLL) -> None:
     """
     import types
 
+    import pynetdicom
     from pynetdicom import association, dul, transport
 
     if getattr(association.time, "_dtools", False):
+        return
+    if not str(pynetdicom.__version__).startswith(TUNED_PYNETDICOM):
+        # These are internals; on a version they were not checked against, run stock pynetdicom.
+        logging.getLogger("dtools").debug("pynetdicom %s: reactor tuning skipped", pynetdicom.__version__)
         return
     # Every accepted association deep-copies the server's ~180 presentation contexts
     # (30 ms, most of a C-FIND's latency). Negotiation only reads them and builds new

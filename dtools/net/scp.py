@@ -547,15 +547,16 @@ def scan_header(req: Any, transfer_syntax: str, calling: str, data: Any) -> tupl
     sop = str(req.AffectedSOPInstanceUID)
     head = file_header(str(req.AffectedSOPClassUID), sop, transfer_syntax, calling)
     image = head + bytes(data)
-    try:
-        elements, ts, _meta = hdr._scan(image)
-        attrs, text = hdr._attrs_from_elements(image, elements, None)
-    except (hdr.Unsupported, struct.error):
+    from ..index.ingest import INDEX_KEYS
+
+    header = hdr.header_from_bytes(image, INDEX_KEYS)
+    if header is None:
         return None
+    attrs = header.attrs
     if attrs.get("SOPInstanceUID") and attrs["SOPInstanceUID"] != sop:
         # the data set names another instance than the request: its own UID wins
         head = file_header(str(req.AffectedSOPClassUID), str(attrs["SOPInstanceUID"]), transfer_syntax, calling)
-    return head, hdr.Header(attrs, ts, text)
+    return head, header
 
 
 def file_header(sop_class: str, sop_instance: str, transfer_syntax: str, source_aet: str) -> bytes:
