@@ -201,3 +201,26 @@ def test_newer_index_is_refused(tmp_path):
     raw.close()
     with pytest.raises(Exception, match="newer than this dtools"):
         open_index(path)
+
+
+def test_new_index_opened_by_several_processes_at_once(tmp_path):
+    # dserve and dindex (or two cron jobs) may create the same index together
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for n in range(5):
+        path = tmp_path / f"i{n}.db"
+        procs = [ctx.Process(target=_open_and_close, args=(path,)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+        conn = open_index(path)
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        conn.close()
+
+
+def _open_and_close(path):
+    open_index(path).close()

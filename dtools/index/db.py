@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from ..dbutil import enable_wal
 from ..errors import ConfigError
 from .schema import MIGRATIONS, SCHEMA_VERSION
 
@@ -31,7 +32,7 @@ def open_index(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
                 f"{path}: index schema {version} is newer than this dtools understands ({SCHEMA_VERSION}); upgrade dtools"
             )
         if not readonly:
-            conn.execute("PRAGMA journal_mode = WAL")
+            enable_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
             if version < SCHEMA_VERSION:
                 migrate(conn, version)

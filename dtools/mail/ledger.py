@@ -11,6 +11,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+from ..dbutil import enable_wal
 from ..errors import ConfigError
 
 SCHEMA = [
@@ -48,7 +49,7 @@ class Ledger:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             self.db.row_factory = sqlite3.Row
-            self.db.execute("PRAGMA journal_mode=WAL")
+            enable_wal(self.db)
             self.db.execute("PRAGMA synchronous=FULL")
             self._migrate()
         except sqlite3.DatabaseError as exc:
