@@ -10,26 +10,26 @@
 3. Peak RSS of dindex (parent plus worker processes) on --rss-files files.
 4. p50 of dsearch queries over a synthesized index of --instances instances: in-process
    (the query engine, as dserve calls it) and end to end (the dsearch command).
-Medians of --repeat runs. Work files live in benchmarks/work/ (not committed).
+Medians of --repeat runs. Work files live in benchmarks/scratch/ (not committed).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import SCRATCH, machine  # noqa: E402
 sys.path.insert(0, str(HERE.parent))
-WORK = HERE / "work"
+WORK = SCRATCH
 BIN = Path(sys.executable).parent
 
 
@@ -152,18 +152,6 @@ def query_p50(db: Path, repeat: int) -> list[tuple[str, float, float, int]]:
     conn.close()
     shutil.rmtree(home, ignore_errors=True)
     return out
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}, SQLite {__import__('sqlite3').sqlite_version}"
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,6 @@ import base64
 import hashlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from common import machine  # noqa: E402
 from dovecot import PASSWORD, USER, Dovecot  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -109,18 +110,6 @@ def baseline(dc: Dovecot, data_path: Path, chunk: int, run: int) -> dict:
     c.delete_folder(folder)
     c.logout()
     return {"append": t1 - t0, "fetch": t2 - t1, "total": t2 - t0}
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"nproc {os.cpu_count()}, {model}, Python {platform.python_version()}"
 
 
 def main() -> None:

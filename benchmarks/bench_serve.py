@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark dserve against the targets of the DICOM node work.
 
-    python benchmarks/bench_serve.py [--instances 2000] [--repeat 3] [--index benchmarks/work/1m.db]
+    python benchmarks/bench_serve.py [--instances 2000] [--repeat 3] [--index benchmarks/scratch/1m.db]
 
 1. C-STORE: --instances small CT instances (16x16, about 1.4 KB) sent by DCMTK storescu
    over one association to dserve and to DCMTK storescp, alternately, --repeat times,
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -31,6 +30,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import SCRATCH, machine  # noqa: E402
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
@@ -132,7 +133,7 @@ def run_storescp(corpus: Path, n: int) -> float:
 
 
 def bench_store(n: int, repeat: int) -> None:
-    corpus = HERE / "work" / f"serve-corpus-{n}"
+    corpus = SCRATCH / f"serve-corpus-{n}"
     if not (corpus.exists() and len(list(corpus.iterdir())) == n):
         shutil.rmtree(corpus, ignore_errors=True)
         make_corpus(corpus, n, studies=max(1, n // 100), series_per_study=2)
@@ -216,23 +217,11 @@ def bench_find(db: Path, repeat: int) -> None:
         shutil.rmtree(home, ignore_errors=True)
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}"
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--instances", type=int, default=2000, help="0 to skip the C-STORE run")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--index", default=str(HERE / "work" / "1m.db"), help="index for C-FIND; '' to skip")
+    ap.add_argument("--index", default=str(SCRATCH / "1m.db"), help="index for C-FIND; '' to skip")
     args = ap.parse_args(argv)
     for tool in ("storescu", "storescp", "findscu"):
         if not shutil.which(tool):

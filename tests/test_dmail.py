@@ -60,7 +60,7 @@ def test_send_and_receive_byte_identical(sites, tmp_path):
 
 
 def test_rerun_does_not_duplicate(sites, tmp_path):
-    a, b = sites["site-a"], sites["site-b"]
+    a = sites["site-a"]
     env = fake_envelope(a / "outbox", 200_000)
     assert send(a, [env], "--max-message-size", "64K").returncode == 0
     n = len(relay_files(tmp_path))
