@@ -85,8 +85,16 @@ def cmd(app: cli.App, relay, to, max_message_size, retry, receipts, insecure):
 
 
 def _send_envelopes(app: cli.App, sender: Sender, to: list[str], retry_age: float | None) -> None:
-    sent = skipped = 0
-    total_bytes = 0
+    counts = {"sent": 0, "skipped": 0, "bytes": 0}
+
+    def tally(out: dict) -> None:
+        app.emit(out)
+        if out["status"] == "already-sent":
+            counts["skipped"] += 1
+        else:
+            counts["sent"] += 1
+            counts["bytes"] += out["bytes"]
+
     with app.progress("sending", None, "bytes") as advance:
         if retry_age is None or not sys.stdin.isatty():
             for rec in app.read_records():
@@ -103,30 +111,18 @@ def _send_envelopes(app: cli.App, sender: Sender, to: list[str], retry_age: floa
                     if not peers:
                         raise InputError("envelope has no addressee; give --to PEER")
                     for peer in peers:
-                        out = sender.send_envelope(Path(rec["path"]), envelope_id, peer, rec.get("sha256"),
-                                                   advance=advance)
-                        app.emit(out)
-                        if out["status"] == "already-sent":
-                            skipped += 1
-                        else:
-                            sent += 1
-                            total_bytes += out["bytes"]
+                        tally(sender.send_envelope(Path(rec["path"]), envelope_id, peer, rec.get("sha256"),
+                                                   advance=advance))
                 except InputError as exc:
                     app.fail(what, str(exc))
         if retry_age is not None:
             for row in sender.ledger.due_for_retry(retry_age):
                 try:
-                    out = sender.send_envelope(Path(row["path"]), row["envelope_id"], row["peer"],
-                                               row["sha256"], retry=True, advance=advance)
-                    app.emit(out)
-                    if out["status"] == "already-sent":
-                        skipped += 1
-                    else:
-                        sent += 1
-                        total_bytes += out["bytes"]
+                    tally(sender.send_envelope(Path(row["path"]), row["envelope_id"], row["peer"],
+                                               row["sha256"], retry=True, advance=advance))
                 except InputError as exc:
                     app.fail(row["path"], f"cannot resend: {exc}")
-    app.info(f"{sent} envelope(s) deposited ({total_bytes} bytes), {skipped} already in the relay")
+    app.info(f"{counts['sent']} envelope(s) deposited ({counts['bytes']} bytes), {counts['skipped']} already in the relay")
 
 
 def _send_receipts(app: cli.App, sender: Sender) -> None:
