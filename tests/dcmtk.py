@@ -14,6 +14,8 @@ from pathlib import Path
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from loopback import loopback_env
+
 BIN = Path(sys.executable).parent
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -91,7 +93,7 @@ def start_storescp(tool: str, outdir: Path, port: int, aet: str = "STORESCP", *a
     outdir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         [tool, "+xa", "--aetitle", aet, "--output-directory", str(outdir), *args, str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=loopback_env(),  # storescp has no bind option
     )
     wait_port(port, proc)
     return proc

@@ -376,3 +376,16 @@ def test_dstore_rejected_by_allow_list_exits_69(tmp_path):
         stop(proc)
     assert res.returncode == 69
     assert "rejected the association" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_storescp_in_tests_listens_on_loopback_only(tmp_path):
+    from dcmtk import free_port, start_storescp, stop
+    from loopback import listening_addresses
+
+    tool = require_tool("storescp")
+    port = free_port()
+    proc = start_storescp(tool, tmp_path / "out", port)
+    try:
+        assert listening_addresses(port) == {"127.0.0.1"}
+    finally:
+        stop(proc)
