@@ -392,3 +392,49 @@ def test_file_changing_while_sealing_fails_the_envelope(sites, study, tmp_path, 
     entries[1].size += delta
     with pytest.raises(InputError, match=match):
         seal_file(tmp_path, sites["site-a"], ["site-b"], files, entries=entries)
+
+
+def test_every_staged_file_is_fsynced_before_anything_is_renamed(sites, study, tmp_path, monkeypatch):
+    # The durability contract: the fsyncs run on their own thread, but every file must be on
+    # disk before the first rename into the archive.
+    _uid, files = study
+    env = seal_file(tmp_path, sites["site-a"], ["site-b"], files)
+    synced: set[tuple[int, int]] = set()
+    renamed: list[bool] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        real_fsync(fd)
+        st = os.fstat(fd)
+        synced.add((st.st_dev, st.st_ino))
+
+    def replace(src, dst):
+        st = os.stat(src)
+        renamed.append((st.st_dev, st.st_ino) in synced and len(synced) >= len(files))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    result = sites["site-b"].opener().open(env)
+    assert len(result.records) == len(files)
+    assert renamed == [True] * len(files)
+
+
+def test_failed_fsync_of_a_staged_file_writes_nothing(sites, study, tmp_path, monkeypatch):
+    _uid, files = study
+    env = seal_file(tmp_path, sites["site-a"], ["site-b"], files)
+    real_fsync = os.fsync
+    calls = []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match="Input/output error"):
+        sites["site-b"].opener().open(env)
+    monkeypatch.undo()
+    sites["site-b"].assert_untouched()
+    assert sites["site-b"].opener().replay(env.stem) is None
