@@ -193,11 +193,12 @@ class Opener:
             _check_no_links(self.archive, target)
             targets.append(target)
         records = []
+        touched: dict[Path, None] = {}  # directories whose entries changed, in order
         for (entry, tmp, digest), target in zip(opened.files, targets):
             if target.exists() and target.stat().st_size == entry.size and _file_sha256(target) == digest:
                 self.log(f"{target}: already in the archive with the same content")
             else:
-                target.parent.mkdir(parents=True, exist_ok=True)
+                self._make_dirs(target.parent, touched)
                 os.chmod(tmp, 0o644)
                 try:
                     os.replace(tmp, target)
@@ -206,7 +207,7 @@ class Opener:
                         raise
                     with open(tmp, "rb") as src:
                         write_atomic(target, iter(lambda: src.read(1 << 20), b""))
-                fsync_dir(target.parent)
+                touched[target.parent] = None
             records.append({
                 "kind": "instance",
                 "path": str(target),
@@ -218,7 +219,21 @@ class Opener:
                 "envelope_id": opened.header.envelope_id,
                 "peer": opened.peer,
             })
+        # One fsync per directory, not per file (a series directory holds many), and all of
+        # them before the caller remembers the envelope as opened.
+        for d in touched:
+            fsync_dir(d)
         return records
+
+    def _make_dirs(self, d: Path, touched: dict[Path, None]) -> None:
+        """Create ``d`` and missing parents below the archive; their parents' entries must be synced too."""
+        missing = []
+        while d != self.archive and not d.is_dir():
+            missing.append(d)
+            d = d.parent
+        for m in reversed(missing):
+            m.mkdir(exist_ok=True)
+            touched[m.parent] = None
 
     def remember(self, envelope_id: str, peer: str, sha256: str, instances: int) -> None:
         """Record that an envelope was opened, so a replay writes nothing."""
