@@ -438,3 +438,24 @@ def test_failed_fsync_of_a_staged_file_writes_nothing(sites, study, tmp_path, mo
     monkeypatch.undo()
     sites["site-b"].assert_untouched()
     assert sites["site-b"].opener().replay(env.stem) is None
+
+
+def test_early_writeback_while_sealing_and_opening_keeps_bytes_identical(sites, study, tmp_path, monkeypatch):
+    # Big files get fdatasync calls while they are still being written; with a tiny interval
+    # that happens many times here, on both sides, and must not change a byte.
+    uid, files = study
+    monkeypatch.setattr(envelope, "FLUSH_EVERY", SMALL // 2)
+    calls: list[int] = []
+    real = envelope._early_writeback
+    monkeypatch.setattr(envelope, "_early_writeback", lambda fd: (calls.append(fd), real(fd)))
+    eid = envelope.new_envelope_id()
+    target = tmp_path / "outbox" / f"{eid}.dtenv"
+    from dtools.dicom.archive import AtomicFile
+    with AtomicFile(target, 0o600) as out:
+        envelope.seal(out, eid, entries_for(files), identity=sites["site-a"].identity,
+                      recipients=[sites["site-a"].peers["site-b"]], chunk=SMALL)
+    sealed_calls = len(calls)
+    assert sealed_calls >= 1
+    result = sites["site-b"].opener().open(target)
+    assert len(calls) > sealed_calls
+    assert [Path(r["path"]).read_bytes() for r in result.records] == [f.read_bytes() for f in files]

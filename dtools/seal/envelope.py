@@ -210,11 +210,11 @@ class _Flusher:
     ``wrote`` is called by one thread only; at most one writeback waits behind the running one.
     """
 
-    def __init__(self, fd: int | None, stage: _Stage | None = None, every: int = FLUSH_EVERY):
+    def __init__(self, fd: int | None, stage: _Stage | None = None, every: int | None = None):
         self.fd = fd
         self.own = stage is None and fd is not None
         self.stage = _Stage("dseal-flush", 2) if self.own else stage
-        self.every = every
+        self.every = FLUSH_EVERY if every is None else every
         self.pending = 0
 
     @classmethod
@@ -232,7 +232,7 @@ class _Flusher:
         self.pending += n
         if self.pending >= self.every and self.stage.q.empty():
             self.pending = 0
-            self.stage.submit(_fdatasync, fd)
+            self.stage.submit(_early_writeback, fd)
 
     def reset(self) -> None:
         self.pending = 0
@@ -246,7 +246,8 @@ class _Flusher:
             self.stage.abort()
 
 
-_fdatasync = getattr(os, "fdatasync", os.fsync)
+def _early_writeback(fd: int) -> None:
+    getattr(os, "fdatasync", os.fsync)(fd)
 
 
 # -- the payload entries ---------------------------------------------------------------
@@ -732,6 +733,7 @@ def open_envelope(f: IO[bytes], size: int, staging: Path, *, identity: Identity 
     # fsync waits on the disk, not the CPU: on its own thread it overlaps the writes of the
     # next files instead of stalling the whole pipeline once per file.
     sync_stage = _Stage("dseal-sync", SYNC_DEPTH)
+    flusher = _Flusher(None, sync_stage)
 
     def chunks() -> Iterator[tuple[memoryview, Callable[[], None]]]:
         for i in range(n_chunks):
@@ -763,7 +765,11 @@ def open_envelope(f: IO[bytes], size: int, staging: Path, *, identity: Identity 
 
     def hash_piece(out: IO[bytes], h: hashes.Hash, piece: memoryview) -> None:
         h.update(piece)
-        write_stage.submit(_write_all, out, piece)
+        write_stage.submit(write_piece, out, piece)
+
+    def write_piece(out: IO[bytes], piece: memoryview) -> None:
+        _write_all(out, piece)
+        flusher.wrote(len(piece), out.fileno())  # a big file starts its writeback early
 
     def finish_hash(out: IO[bytes], h: hashes.Hash, expected: bytes, entry: Entry, tmp: Path) -> None:
         digest = h.finalize()
@@ -772,6 +778,7 @@ def open_envelope(f: IO[bytes], size: int, staging: Path, *, identity: Identity 
         write_stage.submit(finish_file, out, digest, entry, tmp)
 
     def finish_file(out: IO[bytes], digest: bytes, entry: Entry, tmp: Path) -> None:
+        flusher.reset()
         sync_stage.submit(sync_file, out, digest, entry, tmp)
 
     def sync_file(out: IO[bytes], digest: bytes, entry: Entry, tmp: Path) -> None:
