@@ -109,14 +109,35 @@ def write_floor(files: list[Path], scratch: Path) -> float:
     return t
 
 
-def timed(cmd: list[str], stdin: bytes) -> tuple[float, int, bytes]:
-    """Wall seconds, peak RSS (KiB) and stdout of one process."""
-    from test_seal_support import run_measured
+# Runs the command as its only child, so the rusage is the command's alone (a child forked
+# straight from this big process would count this process's pages in its peak RSS).
+_LAUNCHER = (
+    "import resource, subprocess, sys\n"
+    "rc = subprocess.call(sys.argv[2:])\n"
+    "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "open(sys.argv[1], 'w').write(f'{u.ru_maxrss} {u.ru_utime + u.ru_stime}')\n"
+    "sys.exit(rc)\n"
+)
 
-    rc, out, err, wall, rss = run_measured(cmd, stdin)
-    if rc != 0:
-        raise SystemExit(f"{' '.join(cmd[:4])}... failed: {err.decode(errors='replace')}")
-    return wall, rss, out
+
+def timed(cmd: list[str], stdin: bytes) -> tuple[float, int, float, bytes]:
+    """Wall seconds, peak RSS (KiB), CPU seconds (user + system, all threads) and stdout of one process."""
+    import subprocess
+
+    with tempfile.NamedTemporaryFile("r", suffix=".ru") as ru, tempfile.TemporaryFile() as out, \
+            tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as inp:
+        inp.write(stdin)
+        inp.seek(0)
+        t0 = time.perf_counter()
+        rc = subprocess.call([sys.executable, "-c", _LAUNCHER, ru.name, *cmd], stdin=inp, stdout=out, stderr=err,
+                             timeout=600)
+        wall = time.perf_counter() - t0
+        if rc != 0:
+            err.seek(0)
+            raise SystemExit(f"{' '.join(cmd[:4])}... failed: {err.read().decode(errors='replace')}")
+        rss, cpu = ru.read().split()
+        out.seek(0)
+        return wall, int(rss), float(cpu), out.read()
 
 
 def main() -> int:
@@ -127,6 +148,7 @@ def main() -> int:
                     help="uncounted runs first, so fresh memory pages of a new VM are not measured (default 1)")
     ap.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
     args = ap.parse_args()
+    load_start = os.getloadavg()[0]
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-seal-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -138,15 +160,15 @@ def main() -> int:
         total = sum(f.stat().st_size for f in files)
         paths = "".join(f"{f}\n" for f in files).encode()
         dseal = str(BIN / "dseal")
-        rows = {k: [] for k in ("b_enc", "b_dec", "io", "seal", "open", "rss_seal", "rss_open")}
+        rows = {k: [] for k in ("b_enc", "b_dec", "io", "seal", "open", "rss_seal", "rss_open", "cpu_seal", "cpu_open")}
         for run in range(-args.warmup, args.runs):
             enc, dec = baseline(files)
             io = write_floor(files, work / "floor.bin")
-            s_wall, s_rss, out = timed([dseal, "--home", str(homes["site-a"]), "-q", "--to", "site-b"], paths)
-            o_wall, o_rss, opened = timed([dseal, "--home", str(homes["site-b"]), "-q", "--open"], out)
+            s_wall, s_rss, s_cpu, out = timed([dseal, "--home", str(homes["site-a"]), "-q", "--to", "site-b"], paths)
+            o_wall, o_rss, o_cpu, opened = timed([dseal, "--home", str(homes["site-b"]), "-q", "--open"], out)
             if run >= 0:
                 for k, v in (("b_enc", enc), ("b_dec", dec), ("io", io), ("seal", s_wall), ("rss_seal", s_rss),
-                             ("open", o_wall), ("rss_open", o_rss)):
+                             ("open", o_wall), ("rss_open", o_rss), ("cpu_seal", s_cpu), ("cpu_open", o_cpu)):
                     rows[k].append(v)
             assert opened.count(b"\n") == len(files), "open did not emit one record per file"
             # Fresh state for the next run: no replay, no envelope, empty archive.
@@ -156,7 +178,7 @@ def main() -> int:
                 p.unlink()
             label = f"run {run + 1}" if run >= 0 else "warm-up"
             print(f"{label}: baseline enc {enc:.2f}s dec {dec:.2f}s write {io:.2f}s, seal {s_wall:.2f}s ({s_rss // 1024} MiB), "
-                  f"open {o_wall:.2f}s ({o_rss // 1024} MiB)", file=sys.stderr)
+                  f"open {o_wall:.2f}s ({o_rss // 1024} MiB); CPU seal {s_cpu:.2f}s open {o_cpu:.2f}s", file=sys.stderr)
         med = {k: statistics.median(v) for k, v in rows.items()}
         mib = total / (1 << 20)
         # Ratios are taken within each run (same load, same page cache), then the median.
@@ -173,14 +195,14 @@ def main() -> int:
         r_open = ratio(lambda i: rows["b_dec"][i], lambda i: rows["open"][i])
         print(f"Machine: {machine()}")
         print(f"Study: {len(files)} files, {mib:.0f} MiB; {args.runs} runs after {args.warmup} warm-up, medians; "
-              f"load average before: {os.getloadavg()[0]:.2f}.\n")
-        print("| step | seconds | MiB/s | peak RSS |")
-        print("|---|---:|---:|---:|")
-        print(f"| baseline AES-256-GCM encrypt + SHA-256 | {med['b_enc']:.2f} | {mib / med['b_enc']:.0f} | |")
-        print(f"| baseline AES-256-GCM decrypt + SHA-256 | {med['b_dec']:.2f} | {mib / med['b_dec']:.0f} | |")
-        print(f"| reference: write the same bytes to a new file + fsync | {med['io']:.2f} | {mib / med['io']:.0f} | |")
-        print(f"| `dseal --to` (seal) | {med['seal']:.2f} | {mib / med['seal']:.0f} | {med['rss_seal'] / 1024:.0f} MiB |")
-        print(f"| `dseal --open` (open) | {med['open']:.2f} | {mib / med['open']:.0f} | {med['rss_open'] / 1024:.0f} MiB |")
+              f"load average (1 min) at the start {load_start:.2f}, at the end {os.getloadavg()[0]:.2f}.\n")
+        print("| step | seconds | MiB/s | peak RSS | CPU seconds |")
+        print("|---|---:|---:|---:|---:|")
+        print(f"| baseline AES-256-GCM encrypt + SHA-256 | {med['b_enc']:.2f} | {mib / med['b_enc']:.0f} | | |")
+        print(f"| baseline AES-256-GCM decrypt + SHA-256 | {med['b_dec']:.2f} | {mib / med['b_dec']:.0f} | | |")
+        print(f"| reference: write the same bytes to a new file + fsync | {med['io']:.2f} | {mib / med['io']:.0f} | | |")
+        print(f"| `dseal --to` (seal) | {med['seal']:.2f} | {mib / med['seal']:.0f} | {med['rss_seal'] / 1024:.0f} MiB | {med['cpu_seal']:.2f} |")
+        print(f"| `dseal --open` (open) | {med['open']:.2f} | {mib / med['open']:.0f} | {med['rss_open'] / 1024:.0f} MiB | {med['cpu_open']:.2f} |")
         print()
         print("Ratios (baseline time / dseal time within each run, median over runs):\n")
         print(f"- seal + open vs encrypt+SHA-256 + decrypt+SHA-256: **{r_both:.2f}** of raw throughput")
