@@ -120,7 +120,7 @@ _LAUNCHER = (
 )
 
 
-def timed(cmd: list[str], stdin: bytes) -> tuple[float, int, float, bytes]:
+def timed(cmd: list[str], stdin: bytes, env: dict | None = None) -> tuple[float, int, float, bytes]:
     """Wall seconds, peak RSS (KiB), CPU seconds (user + system, all threads) and stdout of one process."""
     import subprocess
 
@@ -130,7 +130,7 @@ def timed(cmd: list[str], stdin: bytes) -> tuple[float, int, float, bytes]:
         inp.seek(0)
         t0 = time.perf_counter()
         rc = subprocess.call([sys.executable, "-c", _LAUNCHER, ru.name, *cmd], stdin=inp, stdout=out, stderr=err,
-                             timeout=600)
+                             timeout=600, env=env)
         wall = time.perf_counter() - t0
         if rc != 0:
             err.seek(0)
@@ -147,6 +147,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=1,
                     help="uncounted runs first, so fresh memory pages of a new VM are not measured (default 1)")
     ap.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
+    ap.add_argument("--compare", metavar="DIR", default=None,
+                    help="also run dseal from the dtools source tree in DIR (e.g. a 'git archive' of an earlier "
+                         "commit) in the same runs, alternating which goes first: a before/after under the same load")
     args = ap.parse_args()
     load_start = os.getloadavg()[0]
 
@@ -160,26 +163,49 @@ def main() -> int:
         total = sum(f.stat().st_size for f in files)
         paths = "".join(f"{f}\n" for f in files).encode()
         dseal = str(BIN / "dseal")
-        rows = {k: [] for k in ("b_enc", "b_dec", "io", "seal", "open", "rss_seal", "rss_open", "cpu_seal", "cpu_open")}
-        for run in range(-args.warmup, args.runs):
-            enc, dec = baseline(files)
-            io = write_floor(files, work / "floor.bin")
-            s_wall, s_rss, s_cpu, out = timed([dseal, "--home", str(homes["site-a"]), "-q", "--to", "site-b"], paths)
-            o_wall, o_rss, o_cpu, opened = timed([dseal, "--home", str(homes["site-b"]), "-q", "--open"], out)
-            if run >= 0:
-                for k, v in (("b_enc", enc), ("b_dec", dec), ("io", io), ("seal", s_wall), ("rss_seal", s_rss),
-                             ("open", o_wall), ("rss_open", o_rss), ("cpu_seal", s_cpu), ("cpu_open", o_cpu)):
-                    rows[k].append(v)
+        rows = {k: [] for k in ("b_enc", "b_dec", "io", "seal", "open", "rss_seal", "rss_open", "cpu_seal", "cpu_open",
+                                "c_seal", "c_open", "c_cpu_seal", "c_cpu_open")}
+        compare_env = None
+        if args.compare:
+            src = Path(args.compare).resolve()
+            if not (src / "dtools" / "seal" / "envelope.py").is_file():
+                raise SystemExit(f"--compare {src}: no dtools source tree there")
+            compare_env = dict(os.environ, PYTHONPATH=str(src))
+
+        def seal_and_open(env: dict | None) -> tuple[float, int, float, float, int, float]:
+            s_wall, s_rss, s_cpu, out = timed([dseal, "--home", str(homes["site-a"]), "-q", "--to", "site-b"], paths, env)
+            o_wall, o_rss, o_cpu, opened = timed([dseal, "--home", str(homes["site-b"]), "-q", "--open"], out, env)
             assert opened.count(b"\n") == len(files), "open did not emit one record per file"
             # Fresh state for the next run: no replay, no envelope, empty archive.
             shutil.rmtree(homes["site-b"] / "archive", ignore_errors=True)
             shutil.rmtree(homes["site-b"] / "spool" / "opened", ignore_errors=True)
             for p in (homes["site-a"] / "outbox").iterdir():
                 p.unlink()
+            return s_wall, s_rss, s_cpu, o_wall, o_rss, o_cpu
+
+        for run in range(-args.warmup, args.runs):
+            enc, dec = baseline(files)
+            io = write_floor(files, work / "floor.bin")
+            cmp_first = compare_env is not None and run % 2 == 0
+            if cmp_first:
+                c = seal_and_open(compare_env)
+            s_wall, s_rss, s_cpu, o_wall, o_rss, o_cpu = seal_and_open(None)
+            if compare_env is not None and not cmp_first:
+                c = seal_and_open(compare_env)
+            if run >= 0:
+                for k, v in (("b_enc", enc), ("b_dec", dec), ("io", io), ("seal", s_wall), ("rss_seal", s_rss),
+                             ("open", o_wall), ("rss_open", o_rss), ("cpu_seal", s_cpu), ("cpu_open", o_cpu)):
+                    rows[k].append(v)
+                if compare_env is not None:
+                    for k, v in (("c_seal", c[0]), ("c_cpu_seal", c[2]), ("c_open", c[3]), ("c_cpu_open", c[5])):
+                        rows[k].append(v)
             label = f"run {run + 1}" if run >= 0 else "warm-up"
-            print(f"{label}: baseline enc {enc:.2f}s dec {dec:.2f}s write {io:.2f}s, seal {s_wall:.2f}s ({s_rss // 1024} MiB), "
-                  f"open {o_wall:.2f}s ({o_rss // 1024} MiB); CPU seal {s_cpu:.2f}s open {o_cpu:.2f}s", file=sys.stderr)
-        med = {k: statistics.median(v) for k, v in rows.items()}
+            line = (f"{label}: baseline enc {enc:.2f}s dec {dec:.2f}s write {io:.2f}s, seal {s_wall:.2f}s ({s_rss // 1024} MiB), "
+                    f"open {o_wall:.2f}s ({o_rss // 1024} MiB); CPU seal {s_cpu:.2f}s open {o_cpu:.2f}s")
+            if compare_env is not None:
+                line += f"; compared tree{' (ran first)' if cmp_first else ''}: seal {c[0]:.2f}s open {c[3]:.2f}s"
+            print(line, file=sys.stderr)
+        med = {k: statistics.median(v) for k, v in rows.items() if v}
         mib = total / (1 << 20)
         # Ratios are taken within each run (same load, same page cache), then the median.
         runs = range(len(rows["seal"]))
@@ -209,6 +235,11 @@ def main() -> int:
         print(f"- seal + open vs one pass of encrypt+SHA-256: {r_one:.2f}")
         print(f"- seal + open vs the same crypto plus writing the bytes twice (envelope, archive): {r_floor:.2f}")
         print(f"- seal alone vs encrypt+SHA-256: {r_seal:.2f}; open alone vs decrypt+SHA-256: {r_open:.2f}")
+        if compare_env is not None:
+            c_both = ratio(lambda i: rows["b_enc"][i] + rows["b_dec"][i], lambda i: rows["c_seal"][i] + rows["c_open"][i])
+            print(f"\nCompared tree {args.compare}, same runs (medians): seal {med['c_seal']:.2f} s "
+                  f"({med['c_cpu_seal']:.2f} CPU s), open {med['c_open']:.2f} s ({med['c_cpu_open']:.2f} CPU s); "
+                  f"seal + open vs encrypt+SHA-256 + decrypt+SHA-256: {c_both:.2f}")
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
