@@ -14,6 +14,7 @@ import pytest
 from test_seal_support import make_dicom, make_sites, make_study
 
 from dtools.config import Config
+from dtools.dicom.archive import AtomicFile
 from dtools.errors import InputError
 from dtools.seal import envelope, keys, sealing
 from dtools.seal.keys import Identity
@@ -450,7 +451,6 @@ def test_early_writeback_while_sealing_and_opening_keeps_bytes_identical(sites, 
     monkeypatch.setattr(envelope, "_early_writeback", lambda fd: (calls.append(fd), real(fd)))
     eid = envelope.new_envelope_id()
     target = tmp_path / "outbox" / f"{eid}.dtenv"
-    from dtools.dicom.archive import AtomicFile
     with AtomicFile(target, 0o600) as out:
         envelope.seal(out, eid, entries_for(files), identity=sites["site-a"].identity,
                       recipients=[sites["site-a"].peers["site-b"]], chunk=SMALL)
