@@ -8,9 +8,11 @@ open their own read-only connection, so a long C-FIND never blocks stores (WAL).
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import queue
+import secrets
 import struct
 import threading
 import time
@@ -23,9 +25,12 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
-from ..dicom.archive import AtomicFile, archive_path, fsync_dir, fsync_path
+from ..dicom.archive import archive_path, fsync_dir, fsync_path
+from ..dicom.header import header_from_bytes
 from ..errors import ConfigError, DtoolsError, InputError
+from ..index.ingest import INDEX_KEYS
 from .common import Peer, contexts_for, nodelay_handlers, quiet_pynetdicom, set_nodelay, tune_pynetdicom
 
 log = logging.getLogger("dtools")
@@ -186,30 +191,75 @@ def _sync_batch(paths: list[Path]) -> None:
         fsync_dir(d)
 
 
+_tmp_ids = itertools.count()
+_O_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def write_new_file(target: str, chunks: tuple[Any, ...], sync: bool) -> None:
+    """Write `target` atomically: a temporary name beside it, then rename (AtomicFile's promise).
+
+    With `sync`, the file is fsynced before and its directory after the rename. The same
+    steps as AtomicFile, with fewer system calls and objects: it runs once per C-STORE,
+    between request and response. The directory is created only when the first open
+    finds it missing, and the temporary name comes from a counter, not the random pool.
+    The name keeps the ".NAME.*.tmp" form that stale-temporary cleaning looks for.
+    """
+    parent, name = os.path.split(target)
+    tmp = f"{parent}/.{name}.{os.getpid():x}-{next(_tmp_ids):x}.tmp"
+    try:
+        fd = os.open(tmp, _O_NEW, 0o644)
+    except FileNotFoundError:
+        os.makedirs(parent, exist_ok=True)
+        fd = os.open(tmp, _O_NEW, 0o644)
+    except FileExistsError:  # a stale temporary of an earlier process with our pid
+        tmp = f"{parent}/.{name}.{secrets.token_hex(6)}.tmp"
+        fd = os.open(tmp, _O_NEW, 0o644)
+    try:
+        try:
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if sync:
+        fsync_dir(Path(parent))
+
+
 class Inflight:
-    """Counts store handlers that are writing, so shutdown can wait for them."""
+    """Counts store handlers that are writing, so shutdown can wait for them.
+
+    Entered and left once per C-STORE: a plain lock, no Condition to notify; only
+    shutdown waits, and it polls.
+    """
 
     def __init__(self):
         self.n = 0
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()
 
     def __enter__(self):
-        with self.cond:
+        with self.lock:
             self.n += 1
 
     def __exit__(self, *exc):
-        with self.cond:
+        with self.lock:
             self.n -= 1
-            self.cond.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        with self.cond:
-            while self.n:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self.cond.wait(left)
+        while self.n:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
         return True
 
 
@@ -375,9 +425,7 @@ class Server:
                 return status(CANNOT_UNDERSTAND, "cannot decode the data set")
             try:
                 head = header[0] if header else file_header(str(req.AffectedSOPClassUID), str(sop), ts, calling)
-                with AtomicFile(target, sync=self.s.sync == "always") as f:
-                    f.write(head)
-                    f.write(data)
+                write_new_file(str(target), (head, data), sync=self.s.sync == "always")
             except OSError as exc:
                 log.error("%s: cannot write (%s)", target, exc.strerror or exc)
                 return status(OUT_OF_RESOURCES, f"cannot write to the archive ({exc.strerror or exc})")
@@ -540,16 +588,12 @@ def scan_header(req: Any, transfer_syntax: str, calling: str, data: Any) -> tupl
     Uses the index's own header scanner on the file image, so the indexer does not
     read the file again. None for encodings the scanner leaves to pydicom.
     """
-    from ..dicom import header as hdr
-
-    if transfer_syntax in (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian):
+    if transfer_syntax in _PYDICOM_ONLY:
         return None
     sop = str(req.AffectedSOPInstanceUID)
     head = file_header(str(req.AffectedSOPClassUID), sop, transfer_syntax, calling)
     image = head + bytes(data)
-    from ..index.ingest import INDEX_KEYS
-
-    header = hdr.header_from_bytes(image, INDEX_KEYS)
+    header = header_from_bytes(image, INDEX_KEYS)
     if header is None:
         return None
     attrs = header.attrs
@@ -559,24 +603,28 @@ def scan_header(req: Any, transfer_syntax: str, calling: str, data: Any) -> tupl
     return head, header
 
 
+_PYDICOM_ONLY = frozenset((DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian))
+_META_VERSION = _element(0x0001, b"OB", b"\x00\x01")
+_META_IMPLEMENTATION = (_element(0x0012, b"UI", str(PYNETDICOM_IMPLEMENTATION_UID).encode("ascii"))
+                        + _element(0x0013, b"SH", str(PYNETDICOM_IMPLEMENTATION_VERSION).encode("ascii")))
+_PREAMBLE = b"\0" * 128 + b"DICM"
+
+
 def file_header(sop_class: str, sop_instance: str, transfer_syntax: str, source_aet: str) -> bytes:
     """Preamble, 'DICM' and the File Meta Information group (PS3.10 7.1) for a received data set.
 
     Written directly: encoding these six elements with pydicom costs more than the rest of
     a small C-STORE.
     """
-    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-
     body = b"".join((
-        _element(0x0001, b"OB", b"\x00\x01"),
+        _META_VERSION,
         _element(0x0002, b"UI", sop_class.encode("ascii")),
         _element(0x0003, b"UI", sop_instance.encode("ascii")),
         _element(0x0010, b"UI", transfer_syntax.encode("ascii")),
-        _element(0x0012, b"UI", str(PYNETDICOM_IMPLEMENTATION_UID).encode("ascii")),
-        _element(0x0013, b"SH", str(PYNETDICOM_IMPLEMENTATION_VERSION).encode("ascii")),
+        _META_IMPLEMENTATION,
         _element(0x0016, b"AE", (source_aet or "").strip().encode("ascii", "replace") or b"UNKNOWN"),
     ))
-    return b"\0" * 128 + b"DICM" + struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body)) + body
+    return _PREAMBLE + struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body)) + body
 
 
 class QueryError(Exception):
