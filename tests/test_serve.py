@@ -284,3 +284,27 @@ def test_dserve_sync_batch_prints_records_after_sync(tmp_path):
     recs = [__import__("orjson").loads(line) for line in out.splitlines()]
     assert sorted(r["SOPInstanceUID"] for r in recs) == sorted(pydicom.dcmread(p).SOPInstanceUID for p in paths)
     assert all(Path(r["path"]).is_file() for r in recs)
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_write_new_file_is_atomic_and_creates_directories(tmp_path, sync):
+    from dtools.net.scp import write_new_file
+
+    target = tmp_path / "1.2" / "3.4" / "5.6.dcm"
+    write_new_file(str(target), (b"head", memoryview(b"data")), sync=sync)
+    assert target.read_bytes() == b"headdata"
+    write_new_file(str(target), (b"new",), sync=sync)  # a re-sent instance replaces the old file
+    assert target.read_bytes() == b"new"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["5.6.dcm"]
+
+
+def test_write_new_file_failure_leaves_no_temporary(tmp_path):
+    from dtools.net.scp import write_new_file
+
+    target = tmp_path / "s" / "x.dcm"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    with pytest.raises(TypeError):  # fails after the temporary was created and partly written
+        write_new_file(str(target), (b"head", object()), sync=False)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in target.parent.iterdir()] == ["x.dcm"]
