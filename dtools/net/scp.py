@@ -52,6 +52,7 @@ PATIENT_ROOT = {
 }
 _STOP = object()
 LINGER = 0.05  # seconds the indexer waits to fill a batch when it also syncs it
+SHORT_LINGER = 0.005  # seconds it waits otherwise: records come out at most this much later
 
 
 def status(code: int, comment: str | None = None) -> Dataset:
@@ -120,12 +121,14 @@ class IndexWriter(threading.Thread):
                     if first is _STOP:
                         break
                     batch = [first]
-                    # with sync = "batch", wait a little for more files: one sync for all of them
-                    until = time.monotonic() + (LINGER if self.sync_files else 0)
+                    # Let more files arrive before taking them: one transaction (and with
+                    # sync = "batch", one sync) for all of them. Sleeping, not waiting on the
+                    # queue, so that a store does not wake this thread, which would then take
+                    # the GIL from the association threads, once per file.
+                    time.sleep(LINGER if self.sync_files else SHORT_LINGER)
                     while len(batch) < self.batch:
                         try:
-                            nxt = self.q.get(timeout=max(0.0, until - time.monotonic())) if self.sync_files \
-                                else self.q.get_nowait()
+                            nxt = self.q.get_nowait()
                         except queue.Empty:
                             break
                         if nxt is _STOP:
