@@ -7,7 +7,8 @@
    over one association to dserve and to DCMTK storescp, alternately, --repeat times,
    TCP_NODELAY=1 for both. Reports the median instances/s and MB/s and the ratio.
    dserve's time ends with storescu's last response (the files are durable in the
-   archive then); the time until the last record is indexed is reported too.
+   archive then); the time until the last record is indexed is reported too, and
+   the CPU time dserve used per instance (steadier than wall time on a shared machine).
 2. C-FIND at STUDY level over a synthesized 1,000,000-instance index (made with
    synth_index.py if --index does not exist): p50 per query, end to end, both with an
    SCU on an open association (request to final response) and with a findscu process
@@ -86,7 +87,18 @@ def count_lines(stream, counter: list[int], done: threading.Event, want: int) ->
             done.set()
 
 
-def run_dserve(corpus: Path, n: int, sync: str) -> tuple[float, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc), NaN elsewhere.
+
+    On a shared machine a receiver's CPU per instance varies much less than its wall time."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def run_dserve(corpus: Path, n: int, sync: str) -> tuple[float, float, float]:
     home = Path(tempfile.mkdtemp(prefix="bench-dserve-"))
     port = free_port()
     proc = subprocess.Popen(["nice", str(BIN / "dserve"), "-q", "--home", str(home), "--bind", "127.0.0.1",
@@ -97,16 +109,18 @@ def run_dserve(corpus: Path, n: int, sync: str) -> tuple[float, float]:
         counter: list = [0]
         done = threading.Event()
         threading.Thread(target=count_lines, args=(proc.stdout, counter, done, n), daemon=True).start()
+        cpu0 = cpu_seconds(proc.pid)  # `nice` execs dserve: same pid
         t = time.perf_counter()
         subprocess.run(["storescu", "-aec", "DTOOLS", "127.0.0.1", str(port), "+sd", str(corpus)],
                        env=ENV, check=True, stderr=subprocess.DEVNULL)
         stored = time.perf_counter() - t
         done.wait(120)
         indexed = (counter[1] - t) if len(counter) > 1 else float("nan")
+        cpu = cpu_seconds(proc.pid) - cpu0
         got = len(list((home / "archive").rglob("*.dcm")))
         if got != n:
             raise SystemExit(f"dserve stored {got} of {n}")
-        return stored, indexed
+        return stored, indexed, cpu
     finally:
         stop(proc)
         shutil.rmtree(home, ignore_errors=True)
@@ -140,12 +154,14 @@ def bench_store(n: int, repeat: int) -> None:
     size_mb = sum(p.stat().st_size for p in corpus.iterdir()) / 1e6
     ours: dict[str, list[float]] = {"always": [], "batch": []}
     indexed: dict[str, list[float]] = {"always": [], "batch": []}
+    cpu: dict[str, list[float]] = {"always": [], "batch": []}
     theirs = []
     for _ in range(repeat):
         for mode in ours:
-            s, i = run_dserve(corpus, n, mode)
+            s, i, c = run_dserve(corpus, n, mode)
             ours[mode].append(s)
             indexed[mode].append(i)
+            cpu[mode].append(c)
         theirs.append(run_storescp(corpus, n))
     t = statistics.median(theirs)
     print(f"\nC-STORE: {n} instances, {size_mb:.1f} MB, storescu over one association, TCP_NODELAY=1, "
@@ -154,7 +170,7 @@ def bench_store(n: int, repeat: int) -> None:
         o = statistics.median(runs)
         print(f"  dserve --sync {mode:6s} {o:7.2f} s  {n / o:7.0f} instances/s  {size_mb / o:6.2f} MB/s  "
               f"ratio {t / o:.2f}  (all indexed and printed after {statistics.median(indexed[mode]):.2f} s; "
-              f"runs {[round(x, 2) for x in runs]})")
+              f"runs {[round(x, 2) for x in runs]}; CPU {statistics.median(cpu[mode]) / n * 1000:.2f} ms/instance)")
     print(f"  storescp (no fsync)  {t:7.2f} s  {n / t:7.0f} instances/s  {size_mb / t:6.2f} MB/s  "
           f"(runs {[round(x, 2) for x in theirs]})")
     print("  target: ratio >= 0.50")
