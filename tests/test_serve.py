@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 import time
@@ -308,3 +309,238 @@ def test_write_new_file_failure_leaves_no_temporary(tmp_path):
         write_new_file(str(target), (b"head", object()), sync=False)
     assert target.read_bytes() == b"old"
     assert [p.name for p in target.parent.iterdir()] == ["x.dcm"]
+
+
+# -- the C-STORE lane and the tuned reactors (dtools.net.fastpath, tune_pynetdicom) -------------
+@pytest.mark.parametrize("status,sop,comment", [
+    (0x0000, "1.2.3.4", None),  # even-length UID
+    (0xB000, "1.2.3", None),  # odd: padded with NUL
+    (0xA700, "1.2.840.10008.5.1.4.1.1.2.99", "cannot write to the archive (No space left on device)"),
+    (0xC210, "1.2.3", "odd"),  # odd comment: padded with a space
+])
+def test_store_response_bytes_equal_pynetdicom(status, sop, comment):
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    from dtools.net.fastpath import encode_store_rsp
+
+    p = C_STORE()
+    p.MessageIDBeingRespondedTo = 7
+    p.AffectedSOPClassUID = CTImageStorage
+    p.AffectedSOPInstanceUID = sop
+    p.Status = status
+    if comment:
+        p.ErrorComment = comment
+    msg = C_STORE_RSP()
+    msg.primitive_to_message(p)
+    assert encode_store_rsp(7, status, CTImageStorage, sop, comment) == encode(msg.command_set, True, True)
+
+
+def test_parse_command_reads_a_pynetdicom_request():
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    from dtools.net.fastpath import parse_command
+
+    p = C_STORE()
+    p.MessageID = 513
+    p.AffectedSOPClassUID = CTImageStorage
+    p.AffectedSOPInstanceUID = "1.2.3"
+    p.Priority = 2
+    p.MoveOriginatorApplicationEntityTitle = "MOVER"
+    p.MoveOriginatorMessageID = 9
+    p.DataSet = __import__("io").BytesIO(b"\x08\x00\x18\x00\x00\x00\x00\x00")
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(p)
+    cmd = parse_command(encode(msg.command_set, True, True))
+    assert cmd[0x0100] == 0x0001 and cmd[0x0110] == 513 and cmd[0x0700] == 2
+    assert cmd[0x0002] == CTImageStorage and cmd[0x1000] == "1.2.3"
+    assert cmd[0x1030] == "MOVER" and cmd[0x1031] == 9 and cmd[0x0800] != 0x0101
+    assert parse_command(b"\x00\x00\x00\x01\x04\x00\x00\x00") is None  # not group 0000
+    assert parse_command(b"\x00\x00\x10\x01\x09\x00\x00\x00ab") is None  # value runs past the end
+
+
+def counting_store_handler(server):
+    """Count the C-STOREs that reach pynetdicom's EVT_C_STORE handler instead of the lane."""
+    calls = []
+    plain = server.on_store
+
+    def on_store(event):
+        calls.append(event.context.transfer_syntax)
+        return plain(event)
+
+    server.on_store = on_store
+    return calls
+
+
+@pytest.fixture
+def counted(tmp_path):
+    home = tmp_path / "home"
+    settings = ServerSettings(aet="DTOOLS", bind="127.0.0.1", port=0, archive=home / "archive",
+                              index_path=home / "index.db", timeout=10)
+    emitted: list[dict] = []
+    srv = Server(settings, emitted.append)
+    srv.handler_calls = counting_store_handler(srv)
+    srv.start()
+    srv.emitted = emitted
+    yield srv
+    srv.shutdown(2)
+
+
+def test_lane_stores_plain_requests_and_leaves_deflate_to_pynetdicom(counted, tmp_path):
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    paths = [make_instance(tmp_path / f"{k}.dcm", study_uid="1.2.3.9", series_uid="1.2.3.9.1",
+                           sop_uid=f"1.2.3.9.1.{k}") for k in range(4)]
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage, [ImplicitVRLittleEndian])
+    ae.add_requested_context(CTImageStorage, [DeflatedExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", counted.s.port, ae_title="DTOOLS")
+    assert assoc.is_established
+    statuses = []
+    for k, p in enumerate(paths):
+        ds = pydicom.dcmread(p)
+        if k == 3:
+            ds = ds.copy()
+            ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        statuses.append(assoc.send_c_store(ds).Status)
+    assoc.release()
+    assert statuses == [0, 0, 0, 0]
+    # three went through the lane, the deflated one through pynetdicom and the handler
+    assert [str(ts) for ts in counted.handler_calls] == [DeflatedExplicitVRLittleEndian]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and counted.indexer.indexed < 4:
+        time.sleep(0.02)
+    assert sorted(r["SOPInstanceUID"] for r in counted.emitted) == [f"1.2.3.9.1.{k}" for k in range(4)]
+    for k in range(4):
+        stored = pydicom.dcmread(counted.s.archive / "1.2.3.9" / "1.2.3.9.1" / f"1.2.3.9.1.{k}.dcm")
+        assert stored.PixelData == pydicom.dcmread(paths[k]).PixelData
+
+
+def test_lane_refuses_a_damaged_data_set(counted, tmp_path):
+    ds = pydicom.dcmread(make_instance(tmp_path / "a.dcm"))
+    del ds.StudyInstanceUID
+    ae = scu(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", counted.s.port, ae_title="DTOOLS")
+    rsp = assoc.send_c_store(ds)
+    assoc.release()
+    assert rsp.Status == 0xC210 and "StudyInstanceUID" in str(rsp.ErrorComment)
+    assert counted.handler_calls == []  # answered by the lane
+    assert not list(counted.s.archive.rglob("*.dcm"))
+
+
+def test_peer_with_small_pdus_is_served_by_pynetdicom(counted, tmp_path):
+    ae = scu(CTImageStorage)
+    # the lane answers only peers that take a whole response in one PDU
+    assoc = ae.associate("127.0.0.1", counted.s.port, ae_title="DTOOLS", max_pdu=256)
+    rsp = assoc.send_c_store(pydicom.dcmread(make_instance(tmp_path / "a.dcm")))
+    assoc.release()
+    assert rsp.Status == 0 and len(counted.handler_calls) == 1
+    assert len(list(counted.s.archive.rglob("*.dcm"))) == 1
+
+
+def test_wake_pipes_of_finished_associations_are_closed(server, tmp_path):
+    import gc
+    from pynetdicom.sop_class import Verification
+
+    def open_fds():
+        gc.collect()
+        return len(os.listdir("/proc/self/fd"))
+
+    ae = scu(Verification)
+    assoc = ae.associate("127.0.0.1", server.s.port, ae_title="DTOOLS")  # warm up: threads, imports
+    assoc.send_c_echo()
+    assoc.release()
+    time.sleep(0.2)
+    before = open_fds()
+    for _ in range(15):
+        assoc = ae.associate("127.0.0.1", server.s.port, ae_title="DTOOLS")
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and open_fds() > before + 4:
+        time.sleep(0.1)
+    assert open_fds() <= before + 4  # 15 associations, each with its wake pipe on both ends
+
+
+# -- the indexer process --------------------------------------------------------------------
+def children_of(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def store_over_pynetdicom(port: int, paths: list[Path]) -> list[int]:
+    ae = scu(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DTOOLS")
+    assert assoc.is_established
+    codes = [assoc.send_c_store(pydicom.dcmread(p)).Status for p in paths]
+    assoc.release()
+    return codes
+
+
+def test_dserve_stops_when_its_indexer_dies(tmp_path):
+    from dcmtk import output, start_dserve, stop
+
+    port = free_port()
+    proc = start_dserve(tmp_path / "home", port)
+    try:
+        kids = children_of(proc.pid)
+        assert len(kids) == 1
+        os.kill(kids[0], 9)
+        proc.wait(20)
+    finally:
+        stop(proc)
+    _out, err = output(proc)
+    assert proc.returncode == 75
+    assert "indexer stopped unexpectedly" in err and "Traceback" not in err
+
+
+def test_killed_dserve_leaves_its_stores_indexed(tmp_path):
+    """SIGKILL after the last answer: the indexer process still commits what was stored."""
+    from dcmtk import start_dserve, stop
+
+    src = tmp_path / "src"
+    paths = make_corpus(src, 30, studies=1)
+    home = tmp_path / "home"
+    port = free_port()
+    proc = start_dserve(home, port)
+    try:
+        kid = children_of(proc.pid)[0]
+        assert store_over_pynetdicom(port, paths) == [0] * 30
+        os.kill(proc.pid, 9)
+        proc.wait(10)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and Path(f"/proc/{kid}").exists():
+            time.sleep(0.05)
+    finally:
+        stop(proc)
+    res = run("dsearch", "--home", str(home), "-L", "instance")
+    assert res.returncode == 0, res.stderr
+    assert len(res.records) == 30
+
+
+def test_sync_batch_renames_files_only_after_syncing_them(tmp_path, caplog):
+    """--sync batch: a stored file waits at its temporary name until its batch is synced."""
+    from dtools.net.scp import IndexWriter, write_new_file
+
+    src = make_instance(tmp_path / "a.dcm")
+    target = tmp_path / "archive" / "s" / "a.dcm"
+    tmp = write_new_file(str(target), (src.read_bytes(),), sync=False, rename=False)
+    assert Path(tmp).is_file() and not target.exists() and Path(tmp).name.startswith(".a.dcm.")
+    lost = tmp_path / "archive" / "s" / "b.dcm"
+    emitted = []
+    writer = IndexWriter(tmp_path / "index.db", emitted.append, lambda m: None, sync_files=True)
+    writer.start()
+    writer.put(target, None, tmp)
+    writer.put(lost, None, str(lost) + ".gone.tmp")  # its temporary vanished: reported, not indexed
+    writer.stop(30)
+    assert target.is_file() and not Path(tmp).exists()
+    assert [r["path"] for r in emitted] == [str(target)]
+    assert "b.dcm: stored but not moved into place" in caplog.text

@@ -1,8 +1,9 @@
 """The DICOM SCP behind dserve: C-ECHO, C-STORE into the archive and index, C-FIND, C-MOVE, C-GET.
 
-Association threads only write files; one indexer thread owns the writable index
-connection and commits in batches, then emits one record per stored instance. Queries
-open their own read-only connection, so a long C-FIND never blocks stores (WAL).
+Association threads only write files; one indexer process (dtools.net.indexproc, running
+an IndexWriter) owns the writable index connection and commits in batches, then emits one
+record per stored instance. Queries open their own read-only connection, so a long C-FIND
+never blocks stores (WAL).
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.multival import MultiValue
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
 from ..dicom.archive import archive_path, fsync_dir, fsync_path
 from ..dicom.header import header_from_bytes
 from ..errors import ConfigError, DtoolsError, InputError
 from ..index.ingest import INDEX_KEYS
+from . import fastpath
+from .indexproc import IndexProcess
 from .common import Peer, contexts_for, nodelay_handlers, quiet_pynetdicom, set_nodelay, tune_pynetdicom
 
 log = logging.getLogger("dtools")
@@ -94,9 +97,12 @@ class IndexWriter(threading.Thread):
         self.error: str | None = None
         self.indexed = 0
 
-    def put(self, path: Path, header: Any = None) -> None:
-        """Queue a stored file, with its parsed header when the store already has it."""
-        self.q.put((path, header))
+    def put(self, path: Path, header: Any = None, temporary: str | None = None) -> None:
+        """Queue a stored file, with its parsed header when the store already has it.
+
+        With sync = "batch", the file is still at `temporary`: it is renamed to `path`
+        after the batch is synced (temporary file, fsync, rename), then indexed."""
+        self.q.put((path, header, temporary))
 
     def stop(self, timeout: float | None = None) -> None:
         self.q.put(_STOP)
@@ -136,9 +142,9 @@ class IndexWriter(threading.Thread):
                             break
                         batch.append(nxt)
                     if self.sync_files:
-                        _sync_batch([p for p, _h in batch])
+                        batch = _sync_and_rename(batch)
                     done = []
-                    for path, header in batch:
+                    for path, header, _tmp in batch:
                         try:
                             if header is None:
                                 done.append(indexer.add(str(path)))
@@ -181,11 +187,32 @@ def _syncfs(path: Path) -> bool:
         return False
 
 
-def _sync_batch(paths: list[Path]) -> None:
+def _sync_and_rename(batch: list[tuple[Path, Any, str | None]]) -> list[tuple[Path, Any, str | None]]:
+    """sync = "batch": make the batch's temporary files durable, rename them into place, make
+    the renames durable. The files that could not be moved are left out (and removed)."""
+    _sync_batch([Path(tmp or p) for p, _h, tmp in batch])
+    placed = []
+    for path, header, tmp in batch:
+        if tmp:
+            try:
+                os.rename(tmp, path)
+            except OSError as exc:
+                log.error("%s: stored but not moved into place (%s)", path, exc.strerror or exc)
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                continue
+        placed.append((path, header, None))
+    _sync_batch([Path(p) for p, _h, _t in placed], dirs_only=True)
+    return placed
+
+
+def _sync_batch(paths: list[Path], dirs_only: bool = False) -> None:
     """Make a batch of stored files durable (sync = "batch"): syncfs, else fsync each file and directory."""
     if paths and _syncfs(Path(paths[0]).parent):
         return
-    for p in paths:
+    for p in [] if dirs_only else paths:
         try:
             fsync_path(p)
         except OSError as exc:
@@ -198,10 +225,12 @@ _tmp_ids = itertools.count()
 _O_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
-def write_new_file(target: str, chunks: tuple[Any, ...], sync: bool) -> None:
+def write_new_file(target: str, chunks: tuple[Any, ...], sync: bool, rename: bool = True) -> str:
     """Write `target` atomically: a temporary name beside it, then rename (AtomicFile's promise).
 
-    With `sync`, the file is fsynced before and its directory after the rename. The same
+    With `sync`, the file is fsynced before and its directory after the rename. Without
+    `rename`, the file is left at its temporary name, which is returned: the caller renames
+    it once it is durable (dserve --sync batch). The same
     steps as AtomicFile, with fewer system calls and objects: it runs once per C-STORE,
     between request and response. The directory is created only when the first open
     finds it missing, and the temporary name comes from a counter, not the random pool.
@@ -227,7 +256,8 @@ def write_new_file(target: str, chunks: tuple[Any, ...], sync: bool) -> None:
                 os.fsync(fd)
         finally:
             os.close(fd)
-        os.rename(tmp, target)
+        if rename:
+            os.rename(tmp, target)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -236,6 +266,7 @@ def write_new_file(target: str, chunks: tuple[Any, ...], sync: bool) -> None:
         raise
     if sync:
         fsync_dir(Path(parent))
+    return tmp
 
 
 class Inflight:
@@ -282,8 +313,8 @@ class Server:
         self.stored = 0
         self.started = time.time()
         self._server: Any = None
-        self.indexer = IndexWriter(settings.index_path, emit, self._on_fatal, settings.batch,
-                                   sync_files=settings.sync == "batch")
+        self.indexer = IndexProcess(settings.index_path, emit, self._on_fatal, settings.batch,
+                                    sync_files=settings.sync == "batch")
         self.ae = self._make_ae()
 
     # -- setup ---------------------------------------------------------------------
@@ -338,7 +369,8 @@ class Server:
     def start(self) -> None:
         """Bind and serve in background threads; raises OSError if the port cannot be bound."""
         self.indexer.start()
-        self.indexer.ready.wait(30)
+        if not self.indexer.ready.wait(60):
+            self.indexer.error = "the indexer did not start within 60 s"
         if self.indexer.error:
             raise ConfigError(self.indexer.error + "; check --home or [index] path")
         self._server = self.ae.start_server(
@@ -346,6 +378,7 @@ class Server:
         )
         set_nodelay(self._server.socket)  # accepted sockets inherit it on Linux; EVT_CONN_OPEN sets it anyway
         self.s.port = self._server.server_address[1]
+        fastpath.register(self.on_store, self.store, _PYDICOM_ONLY)
         threading.Thread(target=self._clean_temporaries, name="dserve-clean", daemon=True).start()
 
     def _on_fatal(self, message: str) -> None:
@@ -375,6 +408,7 @@ class Server:
             self._stop_indexer()
             return
         self.stopping = True
+        fastpath.unregister(self.on_store)
         server, self._server = self._server, None
         server.shutdown()
         deadline = time.monotonic() + grace
@@ -387,8 +421,7 @@ class Server:
         self._stop_indexer()
 
     def _stop_indexer(self) -> None:
-        if self.indexer.is_alive():
-            self.indexer.stop(timeout=120)
+        self.indexer.stop(timeout=120)
 
     # -- events ---------------------------------------------------------------------
     def on_accepted(self, event: Any) -> None:
@@ -403,38 +436,47 @@ class Server:
         return SUCCESS
 
     def on_store(self, event: Any) -> Dataset | int:
+        req = event.request
+        code, comment = self.store(event.assoc, event.context.context_id, str(req.AffectedSOPClassUID),
+                                   str(req.AffectedSOPInstanceUID), str(event.context.transfer_syntax),
+                                   req.DataSet.getbuffer())
+        return status(code, comment) if comment else code
+
+    def store(self, assoc: Any, context_id: int, sop_class: str, sop_instance: str, ts: str,
+              data: Any) -> tuple[int, str | None]:
+        """Store one received data set: (DIMSE status, error comment or None).
+
+        The EVT_C_STORE handler calls this, and so does the C-STORE lane (dtools.net.fastpath),
+        which answers plain C-STORE requests without pynetdicom's per-message work.
+        """
         if self.stopping:
-            return status(OUT_OF_RESOURCES, "server is shutting down")
+            return OUT_OF_RESOURCES, "server is shutting down"
         with self.inflight:
-            req = event.request
-            ts = str(event.context.transfer_syntax)
-            calling = event.assoc.requestor.ae_title
-            data = req.DataSet.getbuffer()
-            header = None
+            calling = assoc.requestor.ae_title
             try:
-                header = scan_header(req, ts, calling, data)
+                header = scan_header(sop_class, sop_instance, ts, calling, data)
                 if header is not None:
                     attrs = header[1].attrs
-                    study, series, sop = attrs.get("StudyInstanceUID"), attrs.get("SeriesInstanceUID"), attrs.get("SOPInstanceUID")
                 else:  # deflated or big endian: let pydicom decode it
-                    ds = event.dataset
-                    study, series, sop = ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID"), ds.get("SOPInstanceUID")
+                    attrs = decode_data_set(data, ts)
+                study, series, sop = attrs.get("StudyInstanceUID"), attrs.get("SeriesInstanceUID"), attrs.get("SOPInstanceUID")
                 target = archive_path(self.s.archive, study, series, sop)
             except InputError as exc:
                 log.error("C-STORE from %s refused: %s", calling, exc)
-                return status(CANNOT_UNDERSTAND, str(exc))
+                return CANNOT_UNDERSTAND, str(exc)
             except Exception as exc:  # noqa: BLE001 - undecodable dataset
                 log.error("C-STORE from %s refused: cannot decode the data set (%s)", calling, exc)
-                return status(CANNOT_UNDERSTAND, "cannot decode the data set")
+                return CANNOT_UNDERSTAND, "cannot decode the data set"
             try:
-                head = header[0] if header else file_header(str(req.AffectedSOPClassUID), str(sop), ts, calling)
-                write_new_file(str(target), (head, data), sync=self.s.sync == "always")
+                head = header[0] if header else file_header(sop_class, str(sop), ts, calling)
+                always = self.s.sync == "always"
+                tmp = write_new_file(str(target), (head, data), sync=always, rename=always)
             except OSError as exc:
                 log.error("%s: cannot write (%s)", target, exc.strerror or exc)
-                return status(OUT_OF_RESOURCES, f"cannot write to the archive ({exc.strerror or exc})")
+                return OUT_OF_RESOURCES, f"cannot write to the archive ({exc.strerror or exc})"
             self.stored += 1
-            self.indexer.put(target, header[1] if header else None)
-            return SUCCESS
+            self.indexer.put(target, header[1] if header else None, None if always else tmp)
+            return SUCCESS, None
 
     # -- query ------------------------------------------------------------------------
     def _model(self, event: Any) -> str:
@@ -585,7 +627,7 @@ def _element(tag_elem: int, vr: bytes, value: bytes) -> bytes:
     return struct.pack("<HH2sH", 0x0002, tag_elem, vr, len(value)) + value
 
 
-def scan_header(req: Any, transfer_syntax: str, calling: str, data: Any) -> tuple[bytes, Any] | None:
+def scan_header(sop_class: str, sop: str, transfer_syntax: str, calling: str, data: Any) -> tuple[bytes, Any] | None:
     """(file meta bytes, parsed Header) of a received data set, without pydicom.
 
     Uses the index's own header scanner on the file image, so the indexer does not
@@ -593,8 +635,7 @@ def scan_header(req: Any, transfer_syntax: str, calling: str, data: Any) -> tupl
     """
     if transfer_syntax in _PYDICOM_ONLY:
         return None
-    sop = str(req.AffectedSOPInstanceUID)
-    head = file_header(str(req.AffectedSOPClassUID), sop, transfer_syntax, calling)
+    head = file_header(sop_class, sop, transfer_syntax, calling)
     image = head + bytes(data)
     header = header_from_bytes(image, INDEX_KEYS)
     if header is None:
@@ -602,8 +643,19 @@ def scan_header(req: Any, transfer_syntax: str, calling: str, data: Any) -> tupl
     attrs = header.attrs
     if attrs.get("SOPInstanceUID") and attrs["SOPInstanceUID"] != sop:
         # the data set names another instance than the request: its own UID wins
-        head = file_header(str(req.AffectedSOPClassUID), str(attrs["SOPInstanceUID"]), transfer_syntax, calling)
+        head = file_header(sop_class, str(attrs["SOPInstanceUID"]), transfer_syntax, calling)
     return head, header
+
+
+def decode_data_set(data: Any, transfer_syntax: str) -> dict[str, Any]:
+    """The UIDs of a data set the header scanner leaves to pydicom (big endian, deflate)."""
+    from io import BytesIO
+
+    from pynetdicom.dsutils import decode
+
+    ts = UID(transfer_syntax)
+    ds = decode(BytesIO(bytes(data)), ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
+    return {kw: ds.get(kw) for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
 
 
 _PYDICOM_ONLY = frozenset((DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian))

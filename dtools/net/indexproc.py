@@ -1,0 +1,207 @@
+"""dserve's indexer, in a process of its own.
+
+Indexing in a thread of dserve made every C-STORE wait for the GIL: each system call
+of a store (write, fsync, rename) let the indexer thread in, and the store then waited
+for it to let go. In a child process, the two only share the pipes between them:
+
+- dserve to the indexer (its stdin): one frame per stored file, a 4-byte big-endian
+  length and a pickle of ``(path, (attrs, transfer_syntax, text) or None, temporary or None)``;
+- the indexer to dserve (its stdout): one JSON object per line, ``{"ready": true}`` or
+  ``{"error": ...}`` once, then ``{"record": ...}`` per indexed file, ``{"log": [level,
+  message]}`` and ``{"fatal": ...}``.
+
+The indexer ignores SIGINT and SIGTERM: dserve shuts it down by closing its stdin, after
+the last store, and it then commits what it has and exits. If dserve is killed, the
+same happens.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import pickle
+import signal
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import orjson
+
+log = logging.getLogger("dtools")
+_FRAME = struct.Struct(">I")
+
+
+class IndexProcess:
+    """Runs the indexer in a child process; the same interface as the IndexWriter thread."""
+
+    def __init__(self, index_path: Path, emit: Callable[[dict], None], on_fatal: Callable[[str], None],
+                 batch: int = 200, sync_files: bool = False):
+        self.index_path = index_path
+        self.emit = emit
+        self.on_fatal = on_fatal
+        self.batch = batch
+        self.sync_files = sync_files
+        self.ready = threading.Event()
+        self.error: str | None = None
+        self.indexed = 0
+        self.proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+        self._reader: threading.Thread | None = None
+        self._stopping = False
+        self._out_closed = False
+
+    def start(self) -> None:
+        argv = [sys.executable, "-m", "dtools.net.indexproc", str(self.index_path), str(self.batch),
+                "batch" if self.sync_files else "always", str(log.getEffectiveLevel())]
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        except OSError as exc:
+            self.error = f"cannot start the indexer ({exc.strerror or exc})"
+            self.ready.set()
+            return
+        self._reader = threading.Thread(target=self._read, name="dserve-indexer", daemon=True)
+        self._reader.start()
+
+    def is_alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def put(self, path: Path | str, header: Any = None, temporary: str | None = None) -> None:
+        """Queue a stored file for indexing, with its parsed header when the store has it
+        (and the temporary name it is still at, see IndexWriter.put)."""
+        hdr = None if header is None else (header.attrs, header.transfer_syntax, header.text)
+        body = pickle.dumps((str(path), hdr, temporary), protocol=pickle.HIGHEST_PROTOCOL)
+        frame = memoryview(_FRAME.pack(len(body)) + body)
+        with self._lock:
+            try:
+                assert self.proc is not None and self.proc.stdin is not None
+                fd = self.proc.stdin.fileno()
+                while frame:
+                    frame = frame[os.write(fd, frame):]
+            except (OSError, ValueError, AssertionError):
+                log.error("%s: stored but not indexed (the indexer has stopped); run dindex on it", path)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Let the indexer commit what it has and exit; wait for its last records."""
+        self._stopping = True
+        if self.proc is None:
+            return
+        with self._lock:
+            try:
+                self.proc.stdin.close()  # type: ignore[union-attr]
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.error("the indexer did not finish in %s s; stopping it (run dindex on the archive)", timeout)
+            self.proc.kill()
+            self.proc.wait()
+        if self._reader is not None:
+            self._reader.join(timeout)
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                msg = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if "record" in msg:
+                self._emit(msg["record"])
+                self.indexed += 1
+            elif "log" in msg:
+                level, text = msg["log"]
+                log.log(int(level), "%s", text)
+            elif "ready" in msg:
+                self.ready.set()
+            elif "error" in msg:
+                self.error = str(msg["error"])
+                self.ready.set()
+            elif "fatal" in msg:
+                self.error = str(msg["fatal"])
+                self.on_fatal(self.error)
+        if not self.ready.is_set():
+            self.error = self.error or "the indexer stopped while starting"
+            self.ready.set()
+        elif not self._stopping and self.error is None:
+            self.error = "the indexer stopped unexpectedly; run dindex on the archive for what it missed"
+            self.on_fatal(self.error)
+
+    def _emit(self, record: dict) -> None:
+        if self._out_closed:
+            return
+        try:
+            self.emit(record)
+        except OSError as exc:
+            if isinstance(exc, BrokenPipeError) or exc.errno == errno.EPIPE:
+                self._out_closed = True
+                self.on_fatal("standard output was closed; stopping (stored files are indexed)")
+                return
+            raise
+
+
+def _read_exact(stream: Any, n: int) -> bytes | None:
+    data = stream.read(n)
+    return data if data is not None and len(data) == n else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The child: ``python -m dtools.net.indexproc INDEX BATCH always|batch LOGLEVEL``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    index_path, batch, sync, level = (argv if argv is not None else sys.argv[1:])
+    out = sys.stdout.buffer
+    lock = threading.Lock()
+
+    def send(msg: dict) -> None:
+        with lock:
+            try:
+                out.write(orjson.dumps(msg) + b"\n")
+                out.flush()
+            except (OSError, ValueError):  # dserve is gone; the index is still committed
+                pass
+
+    class Forward(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            send({"log": [record.levelno, record.getMessage()]})
+
+    logger = logging.getLogger("dtools")
+    logger.handlers[:] = [Forward()]
+    logger.setLevel(int(level))
+    logger.propagate = False
+
+    from ..dicom.header import Header
+    from .scp import IndexWriter
+
+    def emit(record: dict) -> None:
+        with lock:
+            out.write(orjson.dumps({"record": record}) + b"\n")
+            out.flush()
+
+    writer = IndexWriter(Path(index_path), emit, lambda m: send({"fatal": m}), int(batch), sync_files=sync == "batch")
+    writer.start()
+    writer.ready.wait()
+    if writer.error:
+        send({"error": writer.error})
+        return 1
+    send({"ready": True})
+    inp = sys.stdin.buffer
+    while writer.is_alive():
+        head = _read_exact(inp, 4)
+        if head is None:
+            break
+        body = _read_exact(inp, _FRAME.unpack(head)[0])
+        if body is None:
+            break
+        path, hdr, temporary = pickle.loads(body)
+        writer.put(Path(path), Header(*hdr) if hdr is not None else None, temporary)
+    writer.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
