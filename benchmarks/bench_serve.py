@@ -37,6 +37,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from dcmtk import make_corpus  # noqa: E402
+from loopback import loopback_env  # noqa: E402
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -98,8 +99,8 @@ def cpu_seconds(pid: int) -> float:
         return float("nan")
 
 
-def run_dserve(corpus: Path, n: int, sync: str) -> tuple[float, float, float]:
-    home = Path(tempfile.mkdtemp(prefix="bench-dserve-"))
+def run_dserve(corpus: Path, n: int, sync: str, keep: Path) -> tuple[float, float, float]:
+    home = Path(tempfile.mkdtemp(prefix="dserve-", dir=keep))
     port = free_port()
     proc = subprocess.Popen(["nice", str(BIN / "dserve"), "-q", "--home", str(home), "--bind", "127.0.0.1",
                              "--port", str(port), "--sync", sync], stdout=subprocess.PIPE,
@@ -123,13 +124,12 @@ def run_dserve(corpus: Path, n: int, sync: str) -> tuple[float, float, float]:
         return stored, indexed, cpu
     finally:
         stop(proc)
-        shutil.rmtree(home, ignore_errors=True)
 
 
-def run_storescp(corpus: Path, n: int) -> float:
-    out = Path(tempfile.mkdtemp(prefix="bench-storescp-"))
+def run_storescp(corpus: Path, n: int, keep: Path) -> float:
+    out = Path(tempfile.mkdtemp(prefix="storescp-", dir=keep))
     port = free_port()
-    proc = subprocess.Popen(["nice", "storescp", "-od", str(out), str(port)], env=ENV,
+    proc = subprocess.Popen(["nice", "storescp", "-od", str(out), str(port)], env=loopback_env(dict(ENV)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
@@ -143,7 +143,6 @@ def run_storescp(corpus: Path, n: int) -> float:
         return elapsed
     finally:
         stop(proc)
-        shutil.rmtree(out, ignore_errors=True)
 
 
 def bench_store(n: int, repeat: int) -> None:
@@ -156,13 +155,20 @@ def bench_store(n: int, repeat: int) -> None:
     indexed: dict[str, list[float]] = {"always": [], "batch": []}
     cpu: dict[str, list[float]] = {"always": [], "batch": []}
     theirs = []
-    for _ in range(repeat):
-        for mode in ours:
-            s, i, c = run_dserve(corpus, n, mode)
-            ours[mode].append(s)
-            indexed[mode].append(i)
-            cpu[mode].append(c)
-        theirs.append(run_storescp(corpus, n))
+    # Every receiver's files stay until the end: deleting thousands of files makes the
+    # file system slow for a while (the root file system here discards freed blocks),
+    # which would fall on whichever receiver runs next.
+    keep = Path(tempfile.mkdtemp(prefix="bench-serve-", dir=SCRATCH))
+    try:
+        for _ in range(repeat):
+            for mode in ours:
+                s, i, c = run_dserve(corpus, n, mode, keep)
+                ours[mode].append(s)
+                indexed[mode].append(i)
+                cpu[mode].append(c)
+            theirs.append(run_storescp(corpus, n, keep))
+    finally:
+        shutil.rmtree(keep, ignore_errors=True)
     t = statistics.median(theirs)
     print(f"\nC-STORE: {n} instances, {size_mb:.1f} MB, storescu over one association, TCP_NODELAY=1, "
           f"median of {repeat}")
