@@ -113,7 +113,7 @@ def pdata_pdu(context_id: int, command: bytes) -> bytes:
 class Lane:
     """The lane's state for one association: the C-STORE request being received, if any."""
 
-    __slots__ = ("store", "skip", "contexts", "command", "context_id", "chunks")
+    __slots__ = ("store", "skip", "contexts", "command", "context_id", "data")
 
     def __init__(self, store: Callable[..., tuple[int, str | None]], skip: frozenset[str],
                  contexts: dict[int, tuple[str, str]]):
@@ -122,11 +122,11 @@ class Lane:
         self.contexts = contexts  # context ID -> (abstract syntax, transfer syntax) we store under
         self.command: dict[int, Any] | None = None
         self.context_id = 0
-        self.chunks: list[bytes] = []
+        self.data = bytearray()
 
     def reset(self) -> None:
         self.command = None
-        self.chunks = []
+        self.data = bytearray()
 
 
 def _lane(dul: Any) -> Lane | None:
@@ -249,7 +249,7 @@ def _take(dul: Any, lane: Lane, pdu: bytes | bytearray) -> bool:
                 or not command.get(0x1000) or command.get(0x0002) != context[0]
                 or context[1] in lane.skip):
             return False
-        lane.command, lane.context_id, lane.chunks = command, cx, []
+        lane.command, lane.context_id, lane.data = command, cx, bytearray()
         i = 1
     for cx, control, fragment in pdvs[i:]:
         if control & 0x01 or cx != lane.context_id:
@@ -257,7 +257,7 @@ def _take(dul: Any, lane: Lane, pdu: bytes | bytearray) -> bool:
             # message this lane understands; pynetdicom answers such a peer
             lane.reset()
             return False
-        lane.chunks.append(bytes(fragment))
+        lane.data += fragment
         if control & 0x02:
             _answer(dul, lane)
             return True
@@ -267,7 +267,7 @@ def _take(dul: Any, lane: Lane, pdu: bytes | bytearray) -> bool:
 def _answer(dul: Any, lane: Lane) -> None:
     command, cx = lane.command, lane.context_id
     assert command is not None
-    data = b"".join(lane.chunks)
+    data = lane.data
     lane.reset()
     sop_class, sop_instance = command[0x0002], command[0x1000]
     try:

@@ -636,7 +636,7 @@ def scan_header(sop_class: str, sop: str, transfer_syntax: str, calling: str, da
     if transfer_syntax in _PYDICOM_ONLY:
         return None
     head = file_header(sop_class, sop, transfer_syntax, calling)
-    image = head + bytes(data)
+    image = head + data  # one copy (bytes + any buffer)
     header = header_from_bytes(image, INDEX_KEYS)
     if header is None:
         return None
