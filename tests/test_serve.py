@@ -559,3 +559,38 @@ def test_sync_batch_renames_files_only_after_syncing_them(tmp_path, caplog):
     assert target.is_file() and not Path(tmp).exists()
     assert [r["path"] for r in emitted] == [str(target)]
     assert "b.dcm: stored but not moved into place" in caplog.text
+
+
+def test_reactor_wait_does_not_swallow_a_consumers_wakeup():
+    """An association reactor waiting on the DIMSE queue must not keep the notification a
+    thread blocked in get() needs (it would then sleep until its DIMSE timeout)."""
+    import queue
+    import threading
+    from types import SimpleNamespace
+
+    from dtools.net.common import _reactor_sleep
+
+    q: queue.Queue = queue.Queue()
+
+    class Reactor(threading.Thread):
+        dimse = SimpleNamespace(msg_queue=q)
+
+        def run(self):
+            _reactor_sleep(3.0)
+
+    got = []
+
+    def consumer():
+        t = time.monotonic()
+        got.append((q.get(timeout=5), time.monotonic() - t))
+
+    reactor = Reactor()
+    reactor.start()
+    time.sleep(0.2)  # the reactor waits first, so a plain notify() would wake it, not the consumer
+    c = threading.Thread(target=consumer)
+    c.start()
+    time.sleep(0.2)
+    q.put("message")
+    c.join(6)
+    reactor.join(4)
+    assert got and got[0][0] == "message" and got[0][1] < 1.5

@@ -94,6 +94,11 @@ def _reactor_sleep(seconds: float, poll: float = POLL) -> None:
             with q.not_empty:
                 if not q._qsize():
                     q.not_empty.wait(seconds)
+                if q._qsize():
+                    # The put that woke us notified one waiter: pass it on, in case a
+                    # send_*() call is blocked in get() for this very message (pynetdicom
+                    # pauses the reactor for those, but not before it may be waiting here).
+                    q.not_empty.notify()
             return
         sock = getattr(getattr(t, "socket", None), "socket", None)
         if sock is not None and getattr(t, "event_queue", None) is not None:
