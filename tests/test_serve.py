@@ -594,3 +594,50 @@ def test_reactor_wait_does_not_swallow_a_consumers_wakeup():
     c.join(6)
     reactor.join(4)
     assert got and got[0][0] == "message" and got[0][1] < 1.5
+
+
+def test_lane_takes_only_whole_c_store_requests():
+    """The lane's PDU handling on crafted P-DATA-TF PDUs, with a fake association."""
+    import struct as st
+    from types import SimpleNamespace
+
+    from dtools.net.fastpath import Lane, _take, encode_store_rsp, pdata_pdu
+
+    def pdu(*pdvs):
+        items = b"".join(st.pack(">IBB", len(frag) + 2, cx, control) + frag for cx, control, frag in pdvs)
+        return st.pack(">BBI", 4, 0, len(items)) + items
+
+    def command(field=0x0001, sop="1.2.3", msg_id=5):
+        def el(e, v):
+            v = v + b"\0" if len(v) % 2 else v
+            return st.pack("<HHI", 0, e, len(v)) + v
+        body = (el(0x0002, CTImageStorage.encode()) + st.pack("<HHIH", 0, 0x0100, 2, field)
+                + st.pack("<HHIH", 0, 0x0110, 2, msg_id) + st.pack("<HHIH", 0, 0x0800, 2, 0x0000)
+                + el(0x1000, sop.encode()))
+        return st.pack("<HHII", 0, 0, 4, len(body)) + body
+
+    stored, sent = [], []
+    fake = SimpleNamespace(assoc=None, socket=SimpleNamespace(send=sent.append))
+
+    def store(assoc, cx, sop_class, sop, ts, data):
+        stored.append((cx, sop_class, sop, ts, bytes(data)))
+        return 0, None
+
+    lane = Lane(store, frozenset(), {1: (CTImageStorage, str(ExplicitVRLittleEndian))})
+    # command and data set in one PDU
+    assert _take(fake, lane, pdu((1, 0x03, command()), (1, 0x02, b"DATA")))
+    assert stored[-1] == (1, CTImageStorage, "1.2.3", str(ExplicitVRLittleEndian), b"DATA")
+    assert sent[-1] == pdata_pdu(1, encode_store_rsp(5, 0, CTImageStorage, "1.2.3"))
+    # a data set over two PDUs: stored once it is complete
+    assert _take(fake, lane, pdu((1, 0x03, command(msg_id=6))))
+    assert _take(fake, lane, pdu((1, 0x00, b"PART1-")))
+    assert len(stored) == 1
+    assert _take(fake, lane, pdu((1, 0x02, b"PART2")))
+    assert stored[-1][4] == b"PART1-PART2" and len(sent) == 2
+    # not for the lane: another command, an unknown context, the next message in the same
+    # PDU, an empty PDU
+    assert not _take(fake, lane, pdu((1, 0x03, command(field=0x0020)), (1, 0x02, b"ID")))
+    assert not _take(fake, lane, pdu((3, 0x03, command()), (3, 0x02, b"X")))
+    assert not _take(fake, lane, pdu((1, 0x03, command()), (1, 0x02, b"X"), (1, 0x03, command())))
+    assert not _take(fake, lane, pdu())
+    assert len(stored) == 2 and len(sent) == 2 and lane.command is None

@@ -234,7 +234,10 @@ def _hand_over(dul: Any, pdu: bytes | bytearray) -> None:
 def _take(dul: Any, lane: Lane, pdu: bytes | bytearray) -> bool:
     """Handle a P-DATA-TF PDU in the lane; False to give it to pynetdicom instead."""
     pdvs = _pdvs(pdu)
-    if pdvs is None:
+    last = [k for k, (_cx, control, _f) in enumerate(pdvs or ()) if control & 0x03 == 0x02]
+    if not pdvs or (last and last[0] != len(pdvs) - 1):
+        # empty, malformed, or more after the end of a data set (the next message in the
+        # same PDU): pynetdicom's part
         lane.reset()
         return False
     i = 0
