@@ -543,7 +543,8 @@ def test_killed_dserve_leaves_its_stores_indexed(tmp_path):
 
 def test_sync_batch_renames_files_only_after_syncing_them(tmp_path, caplog):
     """--sync batch: a stored file waits at its temporary name until its batch is synced."""
-    from dtools.net.scp import IndexWriter, write_new_file
+    from dtools.net.indexproc import IndexWriter
+    from dtools.net.scp import write_new_file
 
     src = make_instance(tmp_path / "a.dcm")
     target = tmp_path / "archive" / "s" / "a.dcm"

@@ -8,11 +8,9 @@ never blocks stores (WAL).
 
 from __future__ import annotations
 
-import errno
 import itertools
 import logging
 import os
-import queue
 import secrets
 import struct
 import threading
@@ -28,7 +26,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
-from ..dicom.archive import archive_path, fsync_dir, fsync_path
+from ..dicom.archive import archive_path, fsync_dir
 from ..dicom.header import header_from_bytes
 from ..errors import ConfigError, DtoolsError, InputError
 from ..index.ingest import INDEX_KEYS
@@ -53,9 +51,6 @@ PATIENT_ROOT = {
     "1.2.840.10008.5.1.4.1.2.1.2",  # - MOVE
     "1.2.840.10008.5.1.4.1.2.1.3",  # - GET
 }
-_STOP = object()
-LINGER = 0.05  # seconds the indexer waits to fill a batch when it also syncs it
-SHORT_LINGER = 0.005  # seconds it waits otherwise: records come out at most this much later
 
 
 def status(code: int, comment: str | None = None) -> Dataset:
@@ -79,146 +74,6 @@ class ServerSettings:
     timeout: float = 60.0
     batch: int = 200
     sync: str = "always"  # "always": fsync before answering C-STORE; "batch": fsync with the index batch
-
-
-class IndexWriter(threading.Thread):
-    """Indexes stored files in batched transactions, then emits their records in order."""
-
-    def __init__(self, index_path: Path, emit: Callable[[dict], None], on_fatal: Callable[[str], None], batch: int = 200,
-                 sync_files: bool = False):
-        super().__init__(name="dserve-indexer", daemon=True)
-        self.sync_files = sync_files
-        self.index_path = index_path
-        self.emit = emit
-        self.on_fatal = on_fatal
-        self.batch = batch
-        self.q: queue.Queue = queue.Queue()
-        self.ready = threading.Event()
-        self.error: str | None = None
-        self.indexed = 0
-
-    def put(self, path: Path, header: Any = None, temporary: str | None = None) -> None:
-        """Queue a stored file, with its parsed header when the store already has it.
-
-        With sync = "batch", the file is still at `temporary`: it is renamed to `path`
-        after the batch is synced (temporary file, fsync, rename), then indexed."""
-        self.q.put((path, header, temporary))
-
-    def stop(self, timeout: float | None = None) -> None:
-        self.q.put(_STOP)
-        self.join(timeout)
-
-    def run(self) -> None:
-        from ..index.db import open_index
-        from ..index.ingest import Indexer
-
-        try:
-            conn = open_index(self.index_path)
-        except Exception as exc:  # noqa: BLE001 - reported by the main thread
-            self.error = f"{self.index_path}: cannot open the index ({exc})"
-            self.ready.set()
-            return
-        self.ready.set()
-        stopping = False
-        try:
-            with Indexer(conn) as indexer:
-                while not stopping:
-                    first = self.q.get()
-                    if first is _STOP:
-                        break
-                    batch = [first]
-                    # Let more files arrive before taking them: one transaction (and with
-                    # sync = "batch", one sync) for all of them. Sleeping, not waiting on the
-                    # queue, so that a store does not wake this thread, which would then take
-                    # the GIL from the association threads, once per file.
-                    time.sleep(LINGER if self.sync_files else SHORT_LINGER)
-                    while len(batch) < self.batch:
-                        try:
-                            nxt = self.q.get_nowait()
-                        except queue.Empty:
-                            break
-                        if nxt is _STOP:
-                            stopping = True
-                            break
-                        batch.append(nxt)
-                    if self.sync_files:
-                        batch = _sync_and_rename(batch)
-                    done = []
-                    for path, header, _tmp in batch:
-                        try:
-                            if header is None:
-                                done.append(indexer.add(str(path)))
-                            else:
-                                st = os.stat(path)
-                                done.append(indexer.add_header(str(path), st.st_size, st.st_mtime_ns, header))
-                        except FileNotFoundError:
-                            log.error("%s: replaced or removed before it was indexed", path)
-                        except DtoolsError as exc:
-                            log.error("%s: stored but not indexed (%s); run dindex on it", path, exc)
-                    indexer.flush()
-                    self.indexed += len(done)
-                    for rec in done:
-                        try:
-                            self.emit(rec)
-                        except (BrokenPipeError, OSError) as exc:
-                            if isinstance(exc, BrokenPipeError) or exc.errno == errno.EPIPE:
-                                self.on_fatal("standard output was closed; stopping (stored files are indexed)")
-                                return
-                            raise
-        except Exception as exc:  # noqa: BLE001
-            self.error = f"indexing failed ({type(exc).__name__}: {exc})"
-            self.on_fatal(self.error)
-        finally:
-            conn.close()
-
-
-def _syncfs(path: Path) -> bool:
-    """syncfs(2) on the file system holding `path`: one journal commit for a whole batch."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            return libc.syncfs(fd) == 0
-        finally:
-            os.close(fd)
-    except (OSError, AttributeError):
-        return False
-
-
-def _sync_and_rename(batch: list[tuple[Path, Any, str | None]]) -> list[tuple[Path, Any, str | None]]:
-    """sync = "batch": make the batch's temporary files durable, rename them into place, make
-    the renames durable. The files that could not be moved are left out (and removed)."""
-    _sync_batch([Path(tmp or p) for p, _h, tmp in batch])
-    placed = []
-    for path, header, tmp in batch:
-        if tmp:
-            try:
-                os.rename(tmp, path)
-            except OSError as exc:
-                log.error("%s: stored but not moved into place (%s)", path, exc.strerror or exc)
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-                continue
-        placed.append((path, header, None))
-    _sync_batch([Path(p) for p, _h, _t in placed], dirs_only=True)
-    return placed
-
-
-def _sync_batch(paths: list[Path], dirs_only: bool = False) -> None:
-    """Make a batch of stored files durable (sync = "batch"): syncfs, else fsync each file and directory."""
-    if paths and _syncfs(Path(paths[0]).parent):
-        return
-    for p in [] if dirs_only else paths:
-        try:
-            fsync_path(p)
-        except OSError as exc:
-            log.error("%s: cannot fsync (%s)", p, exc.strerror or exc)
-    for d in {Path(p).parent for p in paths}:
-        fsync_dir(d)
 
 
 _tmp_ids = itertools.count()
@@ -315,6 +170,7 @@ class Server:
         self._server: Any = None
         self.indexer = IndexProcess(settings.index_path, emit, self._on_fatal, settings.batch,
                                     sync_files=settings.sync == "batch")
+        self.indexer.start()  # its start-up overlaps ours; start() waits until it is ready
         self.ae = self._make_ae()
 
     # -- setup ---------------------------------------------------------------------
@@ -368,7 +224,6 @@ class Server:
 
     def start(self) -> None:
         """Bind and serve in background threads; raises OSError if the port cannot be bound."""
-        self.indexer.start()
         if not self.indexer.ready.wait(60):
             self.indexer.error = "the indexer did not start within 60 s"
         if self.indexer.error:
