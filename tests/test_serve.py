@@ -519,7 +519,8 @@ def test_dserve_stops_when_its_indexer_dies(tmp_path):
 
 def test_killed_dserve_leaves_its_stores_indexed(tmp_path):
     """SIGKILL after the last answer: the indexer process still commits what was stored."""
-    from dcmtk import start_dserve, stop
+    import orjson
+    from dcmtk import output, start_dserve, stop
 
     src = tmp_path / "src"
     paths = make_corpus(src, 30, studies=1)
@@ -539,6 +540,9 @@ def test_killed_dserve_leaves_its_stores_indexed(tmp_path):
     res = run("dsearch", "--home", str(home), "-L", "instance")
     assert res.returncode == 0, res.stderr
     assert len(res.records) == 30
+    # and their records still reached dserve's stdout: the indexer writes them there itself
+    out, _err = output(proc)
+    assert sorted(r["path"] for r in map(orjson.loads, out.splitlines())) == sorted(r["path"] for r in res.records)
 
 
 def test_sync_batch_renames_files_only_after_syncing_them(tmp_path, caplog):
@@ -642,3 +646,30 @@ def test_lane_takes_only_whole_c_store_requests():
     assert not _take(fake, lane, pdu((1, 0x03, command()), (1, 0x02, b"X"), (1, 0x03, command())))
     assert not _take(fake, lane, pdu())
     assert len(stored) == 2 and len(sent) == 2 and lane.command is None
+
+
+def test_dserve_with_its_stdout_closed_exits_141(tmp_path):
+    """`dserve | head -1` style: the reader goes away; dserve says so and exits 141."""
+    import subprocess
+
+    from dcmtk import BIN, wait_port
+
+    home = tmp_path / "home"
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "dserve"), "--home", str(home), "--bind", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_port(port, proc)
+        proc.stdout.close()  # nobody reads the records
+        paths = make_corpus(tmp_path / "src", 3, studies=1)
+        store_over_pynetdicom(port, paths)
+        code = proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read().decode()
+    assert code == 141, err
+    assert "standard output was closed" in err and "Traceback" not in err
+    res = run("dsearch", "--home", str(home), "-L", "instance")
+    assert len(res.records) >= 1  # what was committed before the first record failed stays indexed

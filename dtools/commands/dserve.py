@@ -6,6 +6,7 @@ import logging
 import warnings
 import errno
 import signal
+import sys
 import threading
 
 import click
@@ -80,7 +81,14 @@ def cmd(app: cli.App, aet, port, bind, allow, destination, max_associations, tim
         raise ConfigError("--timeout must be positive and --grace not negative")
     cfg.ensure_home()
 
-    server = Server(settings, app.emit)
+    # The indexer process prints the records on our stdout itself: if dserve is killed, the
+    # records of what it stored and the indexer still commits are not lost to the pipe.
+    sys.stdout.flush()
+    try:
+        records_fd: int | None = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (an embedding program's stream)
+        records_fd = None
+    server = Server(settings, app.emit, records_fd=records_fd)
     try:
         server.start()
     except OSError as exc:

@@ -7,8 +7,9 @@ for it to let go. In a child process, the two only share the pipes between them:
 - dserve to the indexer (its stdin): one frame per stored file, a 4-byte big-endian
   length and a pickle of ``(path, (attrs, transfer_syntax, text) or None, temporary or None)``;
 - the indexer to dserve (its stdout): one JSON object per line, ``{"ready": true}`` or
-  ``{"error": ...}`` once, then ``{"record": ...}`` per indexed file, ``{"log": [level,
-  message]}`` and ``{"fatal": ...}``.
+  ``{"error": ...}`` once, then ``{"indexed": n}`` per batch, ``{"log": [level, message]}``,
+  ``{"fatal": ...}``, and ``{"record": ...}`` per indexed file unless the indexer writes
+  the records itself, to dserve's stdout, which it is then given.
 
 The indexer ignores SIGINT and SIGTERM: dserve shuts it down by closing its stdin, after
 the last store, and it then commits what it has and exits. If dserve is killed, the
@@ -33,6 +34,7 @@ from typing import Any, Callable
 
 import orjson
 
+from .. import records
 from ..dicom.archive import fsync_dir, fsync_path
 from ..errors import DtoolsError
 
@@ -49,8 +51,9 @@ class IndexWriter(threading.Thread):
     """Indexes stored files in batched transactions, then emits their records in order."""
 
     def __init__(self, index_path: Path, emit: Callable[[dict], None], on_fatal: Callable[[str], None], batch: int = 200,
-                 sync_files: bool = False):
+                 sync_files: bool = False, on_batch: Callable[[int], None] | None = None):
         super().__init__(name="dserve-indexer", daemon=True)
+        self.on_batch = on_batch
         self.sync_files = sync_files
         self.index_path = index_path
         self.emit = emit
@@ -126,9 +129,13 @@ class IndexWriter(threading.Thread):
                             self.emit(rec)
                         except (BrokenPipeError, OSError) as exc:
                             if isinstance(exc, BrokenPipeError) or exc.errno == errno.EPIPE:
+                                if self.on_batch is not None:
+                                    self.on_batch(len(done))  # indexed, though not all printed
                                 self.on_fatal("standard output was closed; stopping (stored files are indexed)")
                                 return
                             raise
+                    if self.on_batch is not None:
+                        self.on_batch(len(done))
         except Exception as exc:  # noqa: BLE001
             self.error = f"indexing failed ({type(exc).__name__}: {exc})"
             self.on_fatal(self.error)
@@ -189,7 +196,11 @@ class IndexProcess:
     """Runs the indexer in a child process; the same interface as the IndexWriter thread."""
 
     def __init__(self, index_path: Path, emit: Callable[[dict], None], on_fatal: Callable[[str], None],
-                 batch: int = 200, sync_files: bool = False):
+                 batch: int = 200, sync_files: bool = False, records_fd: int | None = None):
+        """With `records_fd`, the child writes the records to that file descriptor itself (dserve
+        gives it its stdout), so they still come out if dserve is killed; otherwise they come
+        back over the pipe and go to `emit`."""
+        self.records_fd = records_fd
         self.index_path = index_path
         self.emit = emit
         self.on_fatal = on_fatal
@@ -205,14 +216,20 @@ class IndexProcess:
         self._out_closed = False
 
     def start(self) -> None:
+        # A copy of the records descriptor: the child's own 0 and 1 are its pipes to us.
+        fd = None if self.records_fd is None else os.dup(self.records_fd)
         argv = [sys.executable, "-m", "dtools.net.indexproc", str(self.index_path), str(self.batch),
-                "batch" if self.sync_files else "always", str(log.getEffectiveLevel())]
+                "batch" if self.sync_files else "always", str(log.getEffectiveLevel()), "-" if fd is None else str(fd)]
         try:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         pass_fds=() if fd is None else (fd,))
         except OSError as exc:
             self.error = f"cannot start the indexer ({exc.strerror or exc})"
             self.ready.set()
             return
+        finally:
+            if fd is not None:
+                os.close(fd)
         self._reader = threading.Thread(target=self._read, name="dserve-indexer", daemon=True)
         self._reader.start()
 
@@ -262,7 +279,8 @@ class IndexProcess:
                 continue
             if "record" in msg:
                 self._emit(msg["record"])
-                self.indexed += 1
+            elif "indexed" in msg:
+                self.indexed += int(msg["indexed"])
             elif "log" in msg:
                 level, text = msg["log"]
                 log.log(int(level), "%s", text)
@@ -300,10 +318,10 @@ def _read_exact(stream: Any, n: int) -> bytes | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The child: ``python -m dtools.net.indexproc INDEX BATCH always|batch LOGLEVEL``."""
+    """The child: ``python -m dtools.net.indexproc INDEX BATCH always|batch LOGLEVEL RECORDS_FD|-``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    index_path, batch, sync, level = (argv if argv is not None else sys.argv[1:])
+    index_path, batch, sync, level, records_fd = (argv if argv is not None else sys.argv[1:])
     out = sys.stdout.buffer
     lock = threading.Lock()
 
@@ -326,12 +344,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..dicom.header import Header
 
-    def emit(record: dict) -> None:
-        with lock:
-            out.write(orjson.dumps({"record": record}) + b"\n")
-            out.flush()
+    if records_fd == "-":
+        def emit(record: dict) -> None:
+            with lock:
+                out.write(orjson.dumps({"record": record}) + b"\n")
+                out.flush()
+    else:
+        records_out = open(int(records_fd), "wb", closefd=False)
 
-    writer = IndexWriter(Path(index_path), emit, lambda m: send({"fatal": m}), int(batch), sync_files=sync == "batch")
+        def emit(record: dict) -> None:
+            records.write(record, records_out)
+
+    writer = IndexWriter(Path(index_path), emit, lambda m: send({"fatal": m}), int(batch), sync_files=sync == "batch",
+                         on_batch=lambda n: send({"indexed": n}))
     writer.start()
     writer.ready.wait()
     if writer.error:

@@ -155,7 +155,7 @@ class Inflight:
 class Server:
     """One listening AE; start(), then shutdown(grace) from the main thread."""
 
-    def __init__(self, settings: ServerSettings, emit: Callable[[dict], None]):
+    def __init__(self, settings: ServerSettings, emit: Callable[[dict], None], records_fd: int | None = None):
         quiet_pynetdicom()
         tune_pynetdicom()
         self.s = settings
@@ -169,7 +169,7 @@ class Server:
         self.started = time.time()
         self._server: Any = None
         self.indexer = IndexProcess(settings.index_path, emit, self._on_fatal, settings.batch,
-                                    sync_files=settings.sync == "batch")
+                                    sync_files=settings.sync == "batch", records_fd=records_fd)
         self.indexer.start()  # its start-up overlaps ours; start() waits until it is ready
         self.ae = self._make_ae()
 
@@ -267,10 +267,16 @@ class Server:
         server, self._server = self._server, None
         server.shutdown()
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and server.active_associations and not self.force:
+        # Only associations that are established get the grace period: a connection that
+        # never sent an A-ASSOCIATE-RQ (a port probe) would otherwise hold it for its ACSE timeout.
+        while (time.monotonic() < deadline and not self.force
+               and any(a.is_established for a in server.active_associations)):
             time.sleep(0.05)
         for assoc in server.active_associations:
-            log.warning("aborting association from %s at shutdown", assoc.requestor.ae_title)
+            if assoc.is_established:
+                log.warning("aborting association from %s at shutdown", assoc.requestor.ae_title)
+            else:
+                log.info("closing a connection from %s that never associated", assoc.requestor.address)
             assoc.abort()
         self.inflight.wait_idle(30)
         self._stop_indexer()
