@@ -167,7 +167,7 @@ def tune_pynetdicom(poll: float = POLL) -> None:
                 and primitive.OffendingElement is None and primitive.AffectedSOPClassUID
                 and primitive.AffectedSOPInstanceUID and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)):
             command = fastpath.encode_store_rsp(primitive.MessageIDBeingRespondedTo, primitive.Status,
-                                       primitive.AffectedSOPClassUID, primitive.AffectedSOPInstanceUID)
+                                                primitive.AffectedSOPClassUID, primitive.AffectedSOPInstanceUID)
             limit = self.maximum_pdu_size
             if not limit or len(command) + 6 <= limit:
                 pdata = P_DATA()
