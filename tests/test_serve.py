@@ -673,3 +673,36 @@ def test_dserve_with_its_stdout_closed_exits_141(tmp_path):
     assert "standard output was closed" in err and "Traceback" not in err
     res = run("dsearch", "--home", str(home), "-L", "instance")
     assert len(res.records) >= 1  # what was committed before the first record failed stays indexed
+
+
+def test_an_idle_accepted_association_looks_less_often():
+    """After IDLE_AFTER quiet looks, an acceptor's reactor waits IDLE_POLL between looks; a
+    message resets it. A requestor's reactor never does (its send_*() calls wait for it)."""
+    import queue
+    import threading
+    from types import SimpleNamespace
+
+    from dtools.net.common import IDLE_AFTER, _reactor_sleep
+
+    seen = {}
+
+    class Reactor(threading.Thread):
+        def __init__(self, acceptor):
+            super().__init__()
+            self.is_acceptor = acceptor
+            self.dimse = SimpleNamespace(msg_queue=queue.Queue())
+
+        def run(self):
+            for _ in range(IDLE_AFTER + 5):
+                _reactor_sleep(0.001)  # what the association reactor asks for
+            seen[self.is_acceptor] = [self._dtools_quiet]
+            self.dimse.msg_queue.put("request")
+            _reactor_sleep(0.001)
+            seen[self.is_acceptor].append(self._dtools_quiet)
+
+    for acceptor in (True, False):
+        r = Reactor(acceptor)
+        r.start()
+        r.join(20)
+    assert seen[True][0] >= IDLE_AFTER and seen[True][1] == 0
+    assert seen[False][0] <= 1 and seen[False][1] == 0

@@ -50,7 +50,8 @@ def quiet_pynetdicom(level: int = logging.CRITICAL) -> None:
 
 
 POLL = 0.0002  # seconds; pynetdicom's reactors poll every 1 ms
-IDLE_POLL = 0.005  # seconds a DUL reactor with nothing to read or send waits before it looks at its timers
+IDLE_POLL = 0.005  # seconds an idle reactor waits before it looks at its timers and flags again
+IDLE_AFTER = 200  # quiet looks (about 0.2 s) after which an association reactor counts as idle
 TUNED_PYNETDICOM = "3.0."  # the releases whose reactor, DIMSE and negotiation internals tune_pynetdicom was checked against
 
 
@@ -91,9 +92,16 @@ def _reactor_sleep(seconds: float, poll: float = POLL) -> None:
         t = threading.current_thread()
         q = getattr(getattr(t, "dimse", None), "msg_queue", None)
         if q is not None:
+            # After IDLE_AFTER quiet looks in a row, an association we accepted looks only
+            # every IDLE_POLL: idle, it then costs a few hundred wake-ups a second, not a
+            # thousand. A request still wakes it at once; a release request waits at most
+            # IDLE_POLL. Not for associations we requested: their send_*() calls wait for
+            # the reactor to pause, which it does only between looks.
+            quiet = t.__dict__.get("_dtools_quiet", 0) if getattr(t, "is_acceptor", False) else 0
             with q.not_empty:
                 if not q._qsize():
-                    q.not_empty.wait(seconds)
+                    q.not_empty.wait(IDLE_POLL if quiet >= IDLE_AFTER else seconds)
+                t._dtools_quiet = 0 if q._qsize() else quiet + 1
                 if q._qsize():
                     # The put that woke us notified one waiter: pass it on, in case a
                     # send_*() call is blocked in get() for this very message (pynetdicom
