@@ -27,8 +27,9 @@ from dtools.net.scp import Server, ServerSettings, file_header
 from dtools.net.scu import contexts_for, inspect, split_for_contexts
 
 
-@pytest.fixture
-def server(tmp_path):
+def make_server(tmp_path, count_handler: bool = False) -> Server:
+    """A started in-process SCP on a free port; its records go to `.emitted`. With
+    `count_handler`, `.handler_calls` lists the C-STOREs that reached pynetdicom's handler."""
     home = tmp_path / "home"
     dest_port = free_port()
     settings = ServerSettings(
@@ -37,9 +38,17 @@ def server(tmp_path):
     )
     emitted: list[dict] = []
     srv = Server(settings, emitted.append)
+    if count_handler:
+        srv.handler_calls = counting_store_handler(srv)
     srv.start()
     srv.emitted = emitted
     srv.dest_port = dest_port
+    return srv
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = make_server(tmp_path)
     yield srv
     srv.shutdown(2)
 
@@ -52,15 +61,25 @@ def scu(*contexts, roles=()):
     return ae
 
 
-def store_files(server, paths):
+def store_over_pynetdicom(port: int, paths: list[Path]) -> list[int]:
     ae = scu(CTImageStorage)
-    assoc = ae.associate("127.0.0.1", server.s.port, ae_title="DTOOLS")
+    assoc = ae.associate("127.0.0.1", port, ae_title="DTOOLS")
     assert assoc.is_established
     codes = [assoc.send_c_store(pydicom.dcmread(p)).Status for p in paths]
     assoc.release()
+    return codes
+
+
+def wait_indexed(server, n: int) -> None:
+    """Bounded wait until the in-process server has indexed n instances."""
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and server.indexer.indexed < server.stored:
+    while time.monotonic() < deadline and server.indexer.indexed < n:
         time.sleep(0.02)
+
+
+def store_files(server, paths):
+    codes = store_over_pynetdicom(server.s.port, paths)
+    wait_indexed(server, server.stored)
     return codes
 
 
@@ -388,14 +407,7 @@ def counting_store_handler(server):
 
 @pytest.fixture
 def counted(tmp_path):
-    home = tmp_path / "home"
-    settings = ServerSettings(aet="DTOOLS", bind="127.0.0.1", port=0, archive=home / "archive",
-                              index_path=home / "index.db", timeout=10)
-    emitted: list[dict] = []
-    srv = Server(settings, emitted.append)
-    srv.handler_calls = counting_store_handler(srv)
-    srv.start()
-    srv.emitted = emitted
+    srv = make_server(tmp_path, count_handler=True)
     yield srv
     srv.shutdown(2)
 
@@ -422,9 +434,7 @@ def test_lane_stores_plain_requests_and_leaves_deflate_to_pynetdicom(counted, tm
     assert statuses == [0, 0, 0, 0]
     # three went through the lane, the deflated one through pynetdicom and the handler
     assert [str(ts) for ts in counted.handler_calls] == [DeflatedExplicitVRLittleEndian]
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and counted.indexer.indexed < 4:
-        time.sleep(0.02)
+    wait_indexed(counted, 4)
     assert sorted(r["SOPInstanceUID"] for r in counted.emitted) == [f"1.2.3.9.1.{k}" for k in range(4)]
     for k in range(4):
         stored = pydicom.dcmread(counted.s.archive / "1.2.3.9" / "1.2.3.9.1" / f"1.2.3.9.1.{k}.dcm")
@@ -489,15 +499,6 @@ def children_of(pid: int) -> list[int]:
         except OSError:
             pass
     return out
-
-
-def store_over_pynetdicom(port: int, paths: list[Path]) -> list[int]:
-    ae = scu(CTImageStorage)
-    assoc = ae.associate("127.0.0.1", port, ae_title="DTOOLS")
-    assert assoc.is_established
-    codes = [assoc.send_c_store(pydicom.dcmread(p)).Status for p in paths]
-    assoc.release()
-    return codes
 
 
 def test_dserve_stops_when_its_indexer_dies(tmp_path):
