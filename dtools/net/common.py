@@ -129,8 +129,8 @@ def tune_pynetdicom(poll: float = POLL) -> None:
 
     Each C-STORE otherwise waits through several 1 ms sleeps, which costs more than the
     store itself (see _reactor_sleep); the reactors' logic is unchanged, they only look
-    again sooner. A plain C-STORE response (no error comment, nobody listening for sent
-    DIMSE messages) is encoded directly into one P-DATA primitive instead of through a
+    again sooner. A C-STORE response (without an offending element, nobody listening for
+    sent DIMSE messages) is encoded directly into one P-DATA primitive instead of through a
     pydicom Dataset: the same bytes (tests compare them with pynetdicom's own encoding).
     And C-STORE requests on associations dserve accepts take the lane of
     dtools.net.fastpath when its handler registered there.
@@ -171,11 +171,12 @@ def tune_pynetdicom(poll: float = POLL) -> None:
 
     def send_msg_fast(self: Any, primitive: Any, context_id: int) -> None:
         if (type(primitive) is C_STORE and primitive.MessageIDBeingRespondedTo is not None
-                and primitive.Status is not None and primitive.ErrorComment is None
-                and primitive.OffendingElement is None and primitive.AffectedSOPClassUID
-                and primitive.AffectedSOPInstanceUID and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)):
+                and primitive.Status is not None and primitive.OffendingElement is None
+                and primitive.AffectedSOPClassUID and primitive.AffectedSOPInstanceUID
+                and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)):
             command = fastpath.encode_store_rsp(primitive.MessageIDBeingRespondedTo, primitive.Status,
-                                                primitive.AffectedSOPClassUID, primitive.AffectedSOPInstanceUID)
+                                                primitive.AffectedSOPClassUID, primitive.AffectedSOPInstanceUID,
+                                                primitive.ErrorComment)
             limit = self.maximum_pdu_size
             if not limit or len(command) + 6 <= limit:
                 pdata = P_DATA()
