@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -46,6 +47,22 @@ def open_index(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
         return conn
     except sqlite3.DatabaseError as exc:
         raise ConfigError(f"{path}: cannot open index ({exc}); is it a dtools index.db?") from None
+
+
+def db_path(path: str) -> str | bytes:
+    """A file's path as the index stores it: TEXT, or the raw bytes (a BLOB) of a name
+    that is not UTF-8, which SQLite cannot hold as TEXT. The two never compare equal,
+    so every file keeps exactly one row."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path)
+
+
+def from_db_path(value: str | bytes) -> str:
+    """A path read from the index, as the str (surrogate escapes included) ``open`` takes."""
+    return os.fsdecode(value) if isinstance(value, bytes) else value
 
 
 def migrate(conn: sqlite3.Connection, current: int) -> None:
