@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import click
 
-from . import __version__, records
+from . import __version__, records, security
 from .config import Config
 from .errors import (
     EX_FAILED,
@@ -81,7 +81,10 @@ class App:
     @property
     def config(self) -> Config:
         if self._config is None:
-            self._config = Config(self._home, self._config_file)
+            config = Config(self._home, self._config_file)
+            security.set_group(config.get("site.group"), f"[site] group in {config.path}")
+            security.secure_home(config.home, config.index_path, self.log)
+            self._config = config
         return self._config
 
     @property
@@ -174,6 +177,8 @@ def _setup_logging(prog: str, quiet: bool, verbose: int, debug: bool) -> None:
         logger.setLevel(logging.ERROR)
     else:
         logger.setLevel(logging.WARNING)
+    # security warnings (TLS checks off, a secret file others can read) survive -q
+    security.warnings_log.setLevel(logging.DEBUG if debug or verbose >= 2 else logging.WARNING)
 
 
 # -- option bundles -------------------------------------------------------------
@@ -261,6 +266,7 @@ def entry(cmd: click.Command) -> Callable[[Iterable[str] | None], int]:
         old = None
         if in_main_thread:
             old = signal.signal(signal.SIGTERM, _on_sigterm)
+        old_umask = security.start()  # patient data is owner-only, whatever the caller's umask
         try:
             rv = cmd.main(argv, prog_name=prog, standalone_mode=False)
             code = rv if isinstance(rv, int) else EX_OK
@@ -296,6 +302,7 @@ def entry(cmd: click.Command) -> Callable[[Iterable[str] | None], int]:
             )
             return EX_SOFTWARE
         finally:
+            security.end(old_umask)
             if in_main_thread and old is not None:
                 signal.signal(signal.SIGTERM, old)
 

@@ -6,6 +6,7 @@ import os
 import sqlite3
 from pathlib import Path
 
+from .. import security
 from ..dbutil import enable_wal
 from ..errors import ConfigError
 from .schema import MIGRATIONS, SCHEMA_VERSION
@@ -24,7 +25,8 @@ def open_index(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
         raise ConfigError(f"{path}: no index here yet; run 'dindex PATH...' first (or check --home)")
     try:
         if not readonly:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            security.makedirs(path.parent)
+            security.create_file(path)  # owner only (or the site's group); -wal and -shm copy its mode
         conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -34,6 +36,9 @@ def open_index(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
             )
         if not readonly:
             enable_wal(conn)
+            if security.group_name() is not None:  # an index outside the home's setgid directories
+                for suffix in ("-wal", "-shm"):
+                    security.secure_file(f"{path}{suffix}")
             conn.execute("PRAGMA synchronous = NORMAL")
             if version < SCHEMA_VERSION:
                 migrate(conn, version)
