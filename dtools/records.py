@@ -10,9 +10,6 @@ base64 of the name's bytes, which readers prefer while ``path`` still matches it
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import os
 import sys
 from typing import IO, Callable, Iterable, Iterator
@@ -50,6 +47,8 @@ def _encodable(value):
         out = {k: _encodable(v) for k, v in value.items()}
         path = value.get("path")
         if isinstance(path, str) and out["path"] != path:
+            import base64
+
             try:
                 out["path_b64"] = base64.b64encode(os.fsencode(path)).decode("ascii")
             except UnicodeEncodeError:
@@ -63,6 +62,9 @@ def _encodable(value):
 def _exact_path(obj: dict) -> dict:
     """Replace ``path`` by the name ``path_b64`` stands for, unless someone changed ``path``
     since (then ``path`` is what they meant) or ``path_b64`` is not base64."""
+    import base64
+    import binascii
+
     raw = obj.pop("path_b64", None)
     path = obj.get("path")
     if isinstance(raw, str) and isinstance(path, str):
@@ -97,6 +99,8 @@ def parse_line(line: bytes) -> dict:
                 raise ValueError(f"not a valid JSON record ({exc})") from None
             # "\udcff" escapes: Python's json module writes a file name that is not
             # UTF-8 this way (surrogateescape); read it as the bytes it stands for
+            import json
+
             try:
                 obj = json.loads(text)
             except ValueError:
