@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import click
 
-from . import __version__, records
+from . import __version__, records, security
 from .config import Config
 from .errors import (
     EX_FAILED,
@@ -33,6 +33,26 @@ from .errors import (
 )
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+# C0 controls and DEL in a message (a file name with a newline) become visible escapes,
+# so that every failure stays one line that grep and log readers can trust.
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+_ESCAPES.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+
+
+def one_line(text: str) -> str:
+    """``text`` as one printable line: controls escaped, undecodable bytes of a file
+    name (surrogate escapes) shown as ``\\xff``."""
+    if not text.isprintable():
+        text = text.translate(_ESCAPES)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            try:
+                text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            except UnicodeEncodeError:  # a lone surrogate that stands for no byte
+                text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 class _PipeClosed(Exception):
@@ -61,7 +81,10 @@ class App:
     @property
     def config(self) -> Config:
         if self._config is None:
-            self._config = Config(self._home, self._config_file)
+            config = Config(self._home, self._config_file)
+            security.set_group(config.get("site.group"), f"[site] group in {config.path}")
+            security.secure_home(config.home, config.index_path, self.log)
+            self._config = config
         return self._config
 
     @property
@@ -79,7 +102,7 @@ class App:
         self.err(f"{what}: {reason}")
 
     def err(self, message: str) -> None:
-        sys.stderr.write(f"{self.prog}: {message}\n")
+        sys.stderr.write(f"{self.prog}: {one_line(message)}\n")
         sys.stderr.flush()
 
     def info(self, message: str) -> None:
@@ -132,12 +155,18 @@ class App:
             yield advance
 
 
+class _OneLineFormatter(logging.Formatter):
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = one_line(record.message)
+        return super().formatMessage(record)
+
+
 def _setup_logging(prog: str, quiet: bool, verbose: int, debug: bool) -> None:
     logger = logging.getLogger("dtools")
     for h in list(logger.handlers):
         logger.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{prog}: %(message)s"))
+    handler.setFormatter(_OneLineFormatter(f"{prog}: %(message)s"))
     logger.addHandler(handler)
     logger.propagate = False
     if debug or verbose >= 2:
@@ -148,6 +177,8 @@ def _setup_logging(prog: str, quiet: bool, verbose: int, debug: bool) -> None:
         logger.setLevel(logging.ERROR)
     else:
         logger.setLevel(logging.WARNING)
+    # security warnings (TLS checks off, a secret file others can read) survive -q
+    security.warnings_log.setLevel(logging.DEBUG if debug or verbose >= 2 else logging.WARNING)
 
 
 # -- option bundles -------------------------------------------------------------
@@ -235,6 +266,7 @@ def entry(cmd: click.Command) -> Callable[[Iterable[str] | None], int]:
         old = None
         if in_main_thread:
             old = signal.signal(signal.SIGTERM, _on_sigterm)
+        old_umask = security.start()  # patient data is owner-only, whatever the caller's umask
         try:
             rv = cmd.main(argv, prog_name=prog, standalone_mode=False)
             code = rv if isinstance(rv, int) else EX_OK
@@ -248,7 +280,7 @@ def entry(cmd: click.Command) -> Callable[[Iterable[str] | None], int]:
             sys.stderr.write(f"{prog}: {exc.format_message()}\n")
             return exc.exit_code
         except DtoolsError as exc:
-            sys.stderr.write(f"{prog}: {exc}\n")
+            sys.stderr.write(f"{prog}: {one_line(str(exc))}\n")
             if debug:
                 traceback.print_exc()
             return exc.exit_code
@@ -265,10 +297,12 @@ def entry(cmd: click.Command) -> Callable[[Iterable[str] | None], int]:
             if debug:
                 traceback.print_exc()
             sys.stderr.write(
-                f"{prog}: internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)\n"
+                f"{prog}: internal error: {type(exc).__name__}: {one_line(str(exc))} "
+                "(rerun with --debug for a traceback)\n"
             )
             return EX_SOFTWARE
         finally:
+            security.end(old_umask)
             if in_main_thread and old is not None:
                 signal.signal(signal.SIGTERM, old)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .security import check_secret_file, makedirs
 
 SUBDIRS = ("archive", "keys", "outbox", "inbox", "spool")
 _MISSING = object()
@@ -98,7 +99,11 @@ class Config:
         if not p.is_absolute():
             p = self.home / p
         try:
-            return p.read_text(encoding="utf-8").rstrip("\r\n")
+            with open(p, "rb") as f:
+                check_secret_file(p, os.fstat(f.fileno()), key.rsplit(".", 1)[-1].replace("_", " "))
+                return f.read().decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: secret file for {key} is not UTF-8 text; check {key}_file") from None
         except OSError as exc:
             raise ConfigError(f"{p}: cannot read secret file for {key} ({exc.strerror}); check {key}_file") from None
 
@@ -108,16 +113,16 @@ class Config:
         path = self.home / name
         if create:
             try:
-                path.mkdir(parents=True, exist_ok=True)
+                makedirs(path)
                 if name == "keys":
-                    path.chmod(0o700)
+                    path.chmod(0o700)  # private keys: owner only, even with [site] group
             except OSError as exc:
                 raise ConfigError(f"{path}: cannot create directory ({exc.strerror}); check --home or DTOOLS_HOME") from None
         return path
 
     def ensure_home(self) -> Path:
         try:
-            self.home.mkdir(parents=True, exist_ok=True)
+            makedirs(self.home)
         except OSError as exc:
             raise ConfigError(f"{self.home}: cannot create home ({exc.strerror}); check --home or DTOOLS_HOME") from None
         return self.home

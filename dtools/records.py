@@ -1,10 +1,16 @@
 """NDJSON records on pipes: one JSON object per line, UTF-8, flushed per record.
 
 Input that is not JSON is read as one path per line (or per NUL with ``null=True``).
+
+A file name that is not valid UTF-8 cannot be a JSON string. Inside dtools it is a str
+with surrogate escapes (PEP 383, what ``os.fsdecode`` gives); in a record it is written
+as ``path`` for people (each undecodable byte shown as U+FFFD) plus ``path_b64``, the
+base64 of the name's bytes, which readers prefer while ``path`` still matches it.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import IO, Callable, Iterable, Iterator
 
@@ -13,8 +19,62 @@ import orjson
 KINDS = ("instance", "series", "study", "patient", "envelope", "message", "receipt")
 
 
+_OPTS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
+
+
 def dumps(record: dict) -> bytes:
-    return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS)
+    try:
+        return orjson.dumps(record, option=_OPTS)
+    except orjson.JSONEncodeError:
+        # a str with surrogate escapes (a file name that is not UTF-8); rare, so only
+        # then is the record walked
+        return orjson.dumps(_encodable(record), option=_OPTS)
+
+
+def display_text(text: str) -> str:
+    """``text`` with surrogate escapes shown as U+FFFD, as JSON and terminals can carry it."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that stands for no byte
+        raw = text.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "replace")
+
+
+def _encodable(value):
+    if isinstance(value, str):
+        return display_text(value)
+    if isinstance(value, dict):
+        out = {k: _encodable(v) for k, v in value.items()}
+        path = value.get("path")
+        if isinstance(path, str) and out["path"] != path:
+            import base64
+
+            try:
+                out["path_b64"] = base64.b64encode(os.fsencode(path)).decode("ascii")
+            except UnicodeEncodeError:
+                pass  # names no file: nothing exact to keep
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_encodable(v) for v in value]
+    return value
+
+
+def _exact_path(obj: dict) -> dict:
+    """Replace ``path`` by the name ``path_b64`` stands for, unless someone changed ``path``
+    since (then ``path`` is what they meant) or ``path_b64`` is not base64."""
+    import base64
+    import binascii
+
+    raw = obj.pop("path_b64", None)
+    path = obj.get("path")
+    if isinstance(raw, str) and isinstance(path, str):
+        try:
+            exact = os.fsdecode(base64.b64decode(raw, validate=True))
+        except (binascii.Error, ValueError):
+            return obj
+        if display_text(exact) == path:
+            obj["path"] = exact
+    return obj
 
 
 def write(record: dict, out: IO[bytes] | None = None) -> None:
@@ -35,9 +95,20 @@ def parse_line(line: bytes) -> dict:
         try:
             obj = orjson.loads(text)
         except orjson.JSONDecodeError as exc:
-            raise ValueError(f"not a valid JSON record ({exc})") from None
+            if "surrogate" not in str(exc):
+                raise ValueError(f"not a valid JSON record ({exc})") from None
+            # "\udcff" escapes: Python's json module writes a file name that is not
+            # UTF-8 this way (surrogateescape); read it as the bytes it stands for
+            import json
+
+            try:
+                obj = json.loads(text)
+            except ValueError:
+                raise ValueError(f"not a valid JSON record ({exc})") from None
         if not isinstance(obj, dict):
             raise ValueError("not a JSON object")
+        if "path_b64" in obj:
+            _exact_path(obj)
         return obj
     return {"path": line.rstrip(b"\r\n").decode("utf-8", "surrogateescape")}
 

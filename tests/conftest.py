@@ -74,7 +74,7 @@ def run(name: str, *args: str, input: bytes | str | None = None, env: dict | Non
 def home(tmp_path, monkeypatch) -> Path:
     """A fresh site home; DTOOLS_HOME points at it for in-process calls."""
     h = tmp_path / "home"
-    h.mkdir()
+    h.mkdir(mode=0o700)  # as dtools makes a home: owner only
     monkeypatch.setenv("DTOOLS_HOME", str(h))
     return h
 

@@ -18,7 +18,7 @@ def make_sites(root: Path, relay: str, names: tuple[str, ...] = ("site-a", "site
     idents = {}
     for name in names:
         home = root / name
-        home.mkdir(parents=True)
+        home.mkdir(mode=0o700, parents=True)
         idents[name] = generate_identity(Config(home), name)
         homes[name] = home
     for name in names:

@@ -188,8 +188,9 @@ def test_bad_envelopes_fail_alone(sites, tmp_path):
 def test_passphrase_mode_cli(tmp_path):
     pw = tmp_path / "pw"
     pw.write_text("a long shared passphrase\n")
+    pw.chmod(0o600)  # a passphrase file others can read gets its own warning (test_at_rest)
     a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir()
+    a.mkdir(mode=0o700)
     (a / "config.toml").write_text('[site]\nname = "site-a"\n')
     _uid, files = make_study(tmp_path / "src", n=2)
     sealed = dseal(a, "--to", "site-b", "--passphrase-file", str(pw), *map(str, files))

@@ -62,7 +62,7 @@ def make_sites(tmp_path: Path, names=("site-a", "site-b")) -> dict[str, Path]:
     homes = {n: tmp_path / n for n in names}
     lines = {}
     for n, h in homes.items():
-        h.mkdir(parents=True, exist_ok=True)
+        h.mkdir(mode=0o700, parents=True, exist_ok=True)
         lines[n] = keys.format_public_identity(keys.generate_identity(Config(h), n).public())
     for n, h in homes.items():
         text = f'[site]\nname = "{n}"\n'

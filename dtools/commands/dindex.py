@@ -21,7 +21,7 @@ import click
 from .. import cli, records
 from ..dicom.header import read_header
 from ..errors import InputError
-from ..index.db import open_index
+from ..index.db import db_path, from_db_path, open_index
 from ..index.ingest import INDEX_KEYS, Indexer
 
 CHUNK = 64  # files per task sent to a worker
@@ -66,7 +66,11 @@ def _parse_chunk(items: list[tuple[str, int]]) -> list:
 
 # -- inputs -----------------------------------------------------------------------------
 class Walker:
-    """Files under the given paths; follows directory links, reports loops once."""
+    """Files under the given paths; follows directory links, reports loops once.
+
+    The walk keeps its own stack, so a tree of any depth is one walk, never a
+    RecursionError; anything it cannot use is one failed input and the walk goes on.
+    """
 
     def __init__(self, app: cli.App):
         self.app = app
@@ -81,6 +85,13 @@ class Walker:
         except OSError as exc:
             self.app.fail(top, f"cannot stat ({exc.strerror})")
             return
+        except UnicodeError:  # from a record: a lone surrogate that stands for no byte
+            self.app.fail(top, "not a usable path (holds a character no file name can hold); "
+                               "give a name that is not UTF-8 as path_b64")
+            return
+        except ValueError:
+            self.app.fail(top, "not a usable path (holds a NUL byte)")
+            return
         if stat.S_ISDIR(st.st_mode):
             yield from self._walk_dir(top, st)
         elif stat.S_ISREG(st.st_mode):
@@ -88,19 +99,27 @@ class Walker:
         else:
             self.app.fail(top, "not a regular file")
 
-    def _walk_dir(self, path: str, st: os.stat_result) -> Iterator[tuple[str, os.stat_result]]:
+    def _list(self, path: str, st: os.stat_result) -> Iterator[os.DirEntry] | None:
         key = (st.st_dev, st.st_ino)
         if key in self.seen_dirs:
             self.app.fail(path, "directory loop (already visited through another link); skipped")
-            return
+            return None
         self.seen_dirs.add(key)
         try:
             with os.scandir(path) as it:
-                entries = sorted(it, key=lambda e: e.name)
+                return iter(sorted(it, key=lambda e: e.name))
         except OSError as exc:
             self.app.fail(path, f"cannot list directory ({exc.strerror})")
-            return
-        for entry in entries:
+            return None
+
+    def _walk_dir(self, path: str, st: os.stat_result) -> Iterator[tuple[str, os.stat_result]]:
+        top = self._list(path, st)
+        stack = [top] if top is not None else []
+        while stack:
+            entry = next(stack[-1], None)
+            if entry is None:
+                stack.pop()
+                continue
             name = entry.name
             if name.startswith(".") and name.endswith(".tmp"):
                 continue  # an atomic write in progress (archive, inbox)
@@ -110,9 +129,12 @@ class Walker:
                 self.app.fail(entry.path, f"cannot stat ({exc.strerror or 'broken link'})")
                 continue
             if stat.S_ISDIR(est.st_mode):
-                yield from self._walk_dir(entry.path, est)
+                below = self._list(entry.path, est)
+                if below is not None:
+                    stack.append(below)
             elif stat.S_ISREG(est.st_mode):
                 yield entry.path, est
+            # FIFOs, sockets and devices inside a tree are not files to index: never opened
 
 
 def _stdin_records(app: cli.App, null: bool) -> Iterator[object]:
@@ -184,7 +206,7 @@ class Run:
         if row is not None and row[0] == st.st_size and row[1] == st.st_mtime_ns:
             self.unchanged += 1
             self.advance()
-            if extra is not None and not self.app.quiet:
+            if extra is not None:
                 rec = self._record_from_index(path, extra)
                 if rec is not None:
                     self.out.append(rec)
@@ -197,7 +219,7 @@ class Run:
     def _record_from_index(self, path: str, extra: dict) -> dict | None:
         from ..index.query import Condition, Query, run_query
 
-        q = Query("instance", [Condition("instance", "{a}.path = ?", [path])])
+        q = Query("instance", [Condition("instance", "{a}.path = ?", [db_path(path)])])
         for rec in run_query(self.ix.conn, q):
             merged = dict(extra)
             merged.update(rec)
@@ -240,8 +262,7 @@ class Run:
                 self.app.fail(path, str(exc))
                 continue
             self.indexed += 1
-            if not self.app.quiet:
-                self.out.append(rec)
+            self.out.append(rec)
         if self.ix.in_batch >= BATCH or time.monotonic() - self.batch_started >= BATCH_SECONDS:
             self.commit()
 
@@ -326,7 +347,8 @@ def dindex(app: cli.App, paths, null, prune, jobs):
 
 def _prune(ix: Indexer, tops: list[str]) -> int:
     gone = []
-    for (path,) in ix.conn.execute("SELECT path FROM instance ORDER BY path"):
+    for (value,) in ix.conn.execute("SELECT path FROM instance ORDER BY path"):
+        path = from_db_path(value)
         if tops and not any(path == t or path.startswith(t.rstrip("/") + "/") for t in tops):
             continue
         if not os.path.isfile(path):

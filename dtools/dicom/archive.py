@@ -11,6 +11,7 @@ import secrets
 from pathlib import Path
 from typing import IO, Iterable
 
+from .. import security
 from ..errors import InputError
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -74,18 +75,19 @@ class AtomicFile:
     Use as a context manager; on an exception (or SIGTERM/Ctrl-C) the temporary file is
     removed and the target is untouched. The target's directories are created, and
     must not be symlinks. With ``sync=False`` the caller makes the file and its
-    directory durable later (``fsync_path``), e.g. a whole batch at once.
+    directory durable later (``fsync_path``), e.g. a whole batch at once. The mode is
+    the site's (``security.file_mode()``: owner only, or a configured group) unless given.
     """
 
-    def __init__(self, target: Path, mode: int = 0o644, sync: bool = True):
+    def __init__(self, target: Path, mode: int | None = None, sync: bool = True):
         self.target = Path(target)
-        self.mode = mode
+        self.mode = security.file_mode() if mode is None else mode
         self.sync = sync
         self.tmp = self.target.parent / f".{self.target.name}.{secrets.token_hex(6)}.tmp"
         self.file: IO[bytes] | None = None
 
     def __enter__(self) -> IO[bytes]:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
+        security.makedirs(self.target.parent)
         try:
             fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), self.mode)
             self.file = os.fdopen(fd, "wb")
@@ -118,7 +120,7 @@ class AtomicFile:
                     pass
 
 
-def write_atomic(target: Path, data: bytes | Iterable[bytes], mode: int = 0o644) -> Path:
+def write_atomic(target: Path, data: bytes | Iterable[bytes], mode: int | None = None) -> Path:
     """Write bytes (or an iterable of chunks) to ``target`` atomically and durably."""
     with AtomicFile(target, mode) as f:
         if isinstance(data, (bytes, bytearray, memoryview)):

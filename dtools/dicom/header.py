@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 import warnings
 from typing import Any
@@ -348,7 +349,8 @@ def _read_with_pydicom(path: str) -> Header:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            with _open_regular(path) as f:
+                ds = pydicom.dcmread(f, stop_before_pixels=True)
             ds.decode()
     except InvalidDicomError:
         raise InputError("not a DICOM file") from None
@@ -406,6 +408,22 @@ def header_from_bytes(image: bytes, keys: frozenset[str] | None = None) -> Heade
     return Header(attrs, ts, text)
 
 
+def _open_regular(path: str):
+    """Open a file for reading, refusing anything but a regular file. A FIFO put where a
+    file was (between the walk and the read) would block a plain open() for ever."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise InputError("is a directory")
+        if not stat.S_ISREG(mode):
+            raise InputError("not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_header(path: str | os.PathLike, size: int | None = None, keys: frozenset[str] | None = None) -> Header:
     """Parse a file's header. Raises InputError with a short reason for bad files.
 
@@ -413,7 +431,7 @@ def read_header(path: str | os.PathLike, size: int | None = None, keys: frozense
     search is still collected from every text attribute); without, all of them are."""
     path = os.fspath(path)
     try:
-        with open(path, "rb") as f:
+        with _open_regular(path) as f:
             if size is None:
                 size = os.fstat(f.fileno()).st_size
             if size == 0:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
+from .. import security
 from ..dbutil import enable_wal
 from ..errors import ConfigError
 from .schema import MIGRATIONS, SCHEMA_VERSION
@@ -23,7 +25,8 @@ def open_index(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
         raise ConfigError(f"{path}: no index here yet; run 'dindex PATH...' first (or check --home)")
     try:
         if not readonly:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            security.makedirs(path.parent)
+            security.create_file(path)  # owner only (or the site's group); -wal and -shm copy its mode
         conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -33,6 +36,9 @@ def open_index(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
             )
         if not readonly:
             enable_wal(conn)
+            if security.group_name() is not None:  # an index outside the home's setgid directories
+                for suffix in ("-wal", "-shm"):
+                    security.secure_file(f"{path}{suffix}")
             conn.execute("PRAGMA synchronous = NORMAL")
             if version < SCHEMA_VERSION:
                 migrate(conn, version)
@@ -46,6 +52,22 @@ def open_index(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
         return conn
     except sqlite3.DatabaseError as exc:
         raise ConfigError(f"{path}: cannot open index ({exc}); is it a dtools index.db?") from None
+
+
+def db_path(path: str) -> str | bytes:
+    """A file's path as the index stores it: TEXT, or the raw bytes (a BLOB) of a name
+    that is not UTF-8, which SQLite cannot hold as TEXT. The two never compare equal,
+    so every file keeps exactly one row."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path)
+
+
+def from_db_path(value: str | bytes) -> str:
+    """A path read from the index, as the str (surrogate escapes included) ``open`` takes."""
+    return os.fsdecode(value) if isinstance(value, bytes) else value
 
 
 def migrate(conn: sqlite3.Connection, current: int) -> None:

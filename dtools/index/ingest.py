@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 from ..dicom.archive import check_uid
 from ..dicom.header import Header, read_header
 from ..errors import InputError
+from .db import db_path, from_db_path
 from .schema import COMPUTED, LEVEL_ATTRS, PN_ATTRS
 
 REQUIRED = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
@@ -149,7 +150,8 @@ class Indexer:
     # -- lookups ----------------------------------------------------------------------
     def existing(self, path: str) -> tuple | None:
         """``(size, mtime_ns, id, series_id)`` of the indexed file at ``path``, or None."""
-        return self.conn.execute("SELECT size, mtime_ns, id, series_id FROM instance WHERE path = ?", (path,)).fetchone()
+        return self.conn.execute("SELECT size, mtime_ns, id, series_id FROM instance WHERE path = ?",
+                                 (db_path(path),)).fetchone()
 
     def unchanged(self, path: str, size: int, mtime_ns: int) -> bool:
         row = self.existing(path)
@@ -167,7 +169,7 @@ class Indexer:
                 f"JOIN instance b ON b.SOPInstanceUID = a.SOPInstanceUID AND b.id < a.id "
                 f"WHERE a.id IN ({marks}) GROUP BY a.id ORDER BY a.id", ids).fetchall()
             for path, other, sop in rows:
-                self.on_duplicate(path, other, sop)
+                self.on_duplicate(from_db_path(path), from_db_path(other), sop)
 
     # -- adding -----------------------------------------------------------------------
     def add(self, path: str | os.PathLike, extra: dict | None = None) -> dict:
@@ -217,7 +219,7 @@ class Indexer:
         old = None if existing is None else existing[2:4]
         if old is not None and old[1] != seid:
             self._touch_series(old[1])
-        iid = ex(_SQL["instance"], [seid, path, size, mtime_ns, *_values("instance", attrs)]).fetchone()[0]
+        iid = ex(_SQL["instance"], [seid, db_path(path), size, mtime_ns, *_values("instance", attrs)]).fetchone()[0]
         if old is None:
             self._added.append(iid)
         else:
@@ -251,7 +253,7 @@ class Indexer:
         n = 0
         self._begin()
         for path in paths:
-            row = self.conn.execute("SELECT id, series_id FROM instance WHERE path = ?", (path,)).fetchone()
+            row = self.conn.execute("SELECT id, series_id FROM instance WHERE path = ?", (db_path(path),)).fetchone()
             if row is None:
                 continue
             self._touch_series(row[1])

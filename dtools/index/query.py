@@ -23,6 +23,7 @@ from typing import Any, Iterator, Sequence
 from pydicom.datadict import dictionary_VM, dictionary_VR, keyword_for_tag, tag_for_keyword
 
 from ..errors import UsageError
+from .db import from_db_path
 from .schema import ALIAS, COMPUTED, FILE_FIELDS, LEVEL_ATTRS, LEVELS, PARENT, PN_ATTRS
 
 # keyword -> level, for every key the index stores
@@ -325,6 +326,8 @@ def run_query(conn: sqlite3.Connection, q: Query, fields: Sequence[str] | None =
                 continue
             if name == "mtime":
                 value = value / 1e9
+            elif name == "path" and isinstance(value, bytes):
+                value = from_db_path(value)  # a file name that is not UTF-8
             elif name in multi and isinstance(value, str) and "\\" in value:
                 value = value.split("\\")
             rec[name] = value

@@ -11,6 +11,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+from .. import security
 from ..dbutil import enable_wal
 from ..errors import ConfigError
 
@@ -46,7 +47,8 @@ class Ledger:
     def __init__(self, path: Path):
         self.path = Path(path)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            security.makedirs(self.path.parent)
+            security.create_file(self.path)  # owner only (or the site's group); -wal and -shm copy its mode
             self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             self.db.row_factory = sqlite3.Row
             enable_wal(self.db)

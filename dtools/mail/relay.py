@@ -7,6 +7,7 @@ The password comes from ``relay.password_file`` or ``DTOOLS_RELAY_PASSWORD``, ne
 from __future__ import annotations
 
 import ipaddress
+import os
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,8 +132,25 @@ def open_mailbox(config: Config, url: RelayURL, password_key: str = "relay.passw
         raise ConfigError(f"no password for relay user {url.user}; set {password_key}_file in config.toml "
                           f"or {env}")
     timeout = config.get("relay.timeout", 60.0, type=float)
-    return ImapMailbox(url, password, insecure=insecure or _truthy(config.get("relay.insecure", False)),
-                       timeout=timeout)
+    if insecure or _truthy(config.get("relay.insecure", False)):
+        _warn_insecure(config, url, insecure)
+        insecure = True
+    return ImapMailbox(url, password, insecure=insecure, timeout=timeout)
+
+
+def _warn_insecure(config: Config, url: RelayURL, flag: bool) -> None:
+    """On every run, -q or not: verification off is fine for a test server and a hazard anywhere else."""
+    from ..security import warn_once
+
+    if flag:
+        how = "--insecure-skip-verify"
+    elif os.environ.get("DTOOLS_RELAY_INSECURE"):
+        how = "DTOOLS_RELAY_INSECURE"
+    else:
+        how = f"relay.insecure in {config.path}"
+    warn_once(f"insecure:{url.display}", f"warning: TLS certificate checks are OFF for {url.display} ({how}); "
+              "anyone on the network path can read the relay password and impersonate the server. "
+              "Use it only with a test server")
 
 
 def _truthy(value: object) -> bool:

@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import orjson
 
-from .. import records
+from .. import records, security
 from ..dicom.archive import fsync_dir, fsync_path
 from ..errors import DtoolsError
 
@@ -222,7 +222,8 @@ class IndexProcess:
                 "batch" if self.sync_files else "always", str(log.getEffectiveLevel()), "-" if fd is None else str(fd)]
         try:
             self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         pass_fds=() if fd is None else (fd,))
+                                         pass_fds=() if fd is None else (fd,),
+                                         env={**os.environ, "DTOOLS_SITE_GROUP": security.group_name() or ""})
         except OSError as exc:
             self.error = f"cannot start the indexer ({exc.strerror or exc})"
             self.ready.set()
@@ -322,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     index_path, batch, sync, level, records_fd = (argv if argv is not None else sys.argv[1:])
+    security.set_group(os.environ.get("DTOOLS_SITE_GROUP"), "[site] group")  # dserve's file modes
     out = sys.stdout.buffer
     lock = threading.Lock()
 

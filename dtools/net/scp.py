@@ -26,6 +26,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
+from .. import security
 from ..dicom.archive import archive_path, fsync_dir
 from ..dicom.header import header_from_bytes
 from ..errors import ConfigError, DtoolsError, InputError
@@ -94,13 +95,13 @@ def write_new_file(target: str, chunks: tuple[Any, ...], sync: bool, rename: boo
     parent, name = os.path.split(target)
     tmp = f"{parent}/.{name}.{os.getpid():x}-{next(_tmp_ids):x}.tmp"
     try:
-        fd = os.open(tmp, _O_NEW, 0o644)
+        fd = os.open(tmp, _O_NEW, security.file_mode())  # patient data: owner (and site group) only
     except FileNotFoundError:
-        os.makedirs(parent, exist_ok=True)
-        fd = os.open(tmp, _O_NEW, 0o644)
+        security.makedirs(parent)
+        fd = os.open(tmp, _O_NEW, security.file_mode())
     except FileExistsError:  # a stale temporary of an earlier process with our pid
         tmp = f"{parent}/.{name}.{secrets.token_hex(6)}.tmp"
-        fd = os.open(tmp, _O_NEW, 0o644)
+        fd = os.open(tmp, _O_NEW, security.file_mode())
     try:
         try:
             for chunk in chunks:

@@ -19,6 +19,7 @@ from typing import Callable
 
 import orjson
 
+from .. import security
 from ..config import Config
 from ..dicom.archive import archive_path, fsync_dir, write_atomic
 from ..errors import InputError
@@ -199,7 +200,7 @@ class Opener:
                 self.log(f"{target}: already in the archive with the same content")
             else:
                 self._make_dirs(target.parent, touched)
-                os.chmod(tmp, 0o644)
+                os.chmod(tmp, security.file_mode())  # owner only, or the site's group
                 try:
                     os.replace(tmp, target)
                 except OSError as exc:
@@ -232,7 +233,7 @@ class Opener:
             missing.append(d)
             d = d.parent
         for m in reversed(missing):
-            m.mkdir(exist_ok=True)
+            m.mkdir(mode=security.dir_mode() & 0o777, exist_ok=True)
             touched[m.parent] = None
 
     def remember(self, envelope_id: str, peer: str, sha256: str, instances: int) -> None:

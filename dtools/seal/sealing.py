@@ -164,8 +164,12 @@ def read_passphrase(path: str) -> bytes:
     """The passphrase in a file (first line, trailing newline dropped)."""
     from ..errors import UsageError
 
+    from ..security import check_secret_file
+
     try:
-        data = Path(path).expanduser().read_bytes()
+        with open(Path(path).expanduser(), "rb") as f:
+            check_secret_file(path, os.fstat(f.fileno()), "passphrase")
+            data = f.read()
     except OSError as exc:
         raise UsageError(f"{path}: cannot read passphrase file ({exc.strerror})") from None
     line = data.split(b"\n", 1)[0].rstrip(b"\r")
