@@ -10,7 +10,7 @@ from typing import IO, Callable, Iterable, Iterator
 
 import orjson
 
-KINDS = ("instance", "series", "study", "patient", "envelope", "message", "receipt")
+KINDS = ("instance", "series", "study", "patient", "envelope", "message", "receipt", "peer", "relay")
 
 
 def dumps(record: dict) -> bytes:

@@ -219,6 +219,38 @@ class ImapMailbox:
             self.client.copy(ids, name)
             self.delete(uids)
 
+    # -- inspection (dstatus --check-relay) ------------------------------------------
+    @_guard
+    def folder_status(self, folder: str) -> tuple[int, int] | None:
+        """(messages, bytes) in a folder, None if it does not exist; never creates it."""
+        name = self._name(folder)
+        if not self.client.folder_exists(name):
+            return None
+        if self.client.has_capability("STATUS=SIZE"):
+            st = self.client.folder_status(name, ["MESSAGES", "SIZE"])
+            return int(st.get(b"MESSAGES", 0)), int(st.get(b"SIZE", 0))
+        self.client.select_folder(name, readonly=True)
+        self.current = None
+        uids = self.client.search("ALL")
+        size = 0
+        for start in range(0, len(uids), _FETCH_BATCH):
+            for data in self.client.fetch(uids[start:start + _FETCH_BATCH], ["RFC822.SIZE"]).values():
+                size += int(data.get(b"RFC822.SIZE", 0))
+        return len(uids), size
+
+    @_guard
+    def server_info(self) -> dict:
+        """What the server advertises that bears on the relay: size limit and quota."""
+        info: dict = {"append_limit": self.append_limit, "quota": None}
+        if self.client.has_capability("QUOTA"):
+            try:
+                _roots, quotas = self.client.get_quota_root("INBOX")
+                info["quota"] = [{"root": q.quota_root, "resource": q.resource, "usage": q.usage, "limit": q.limit}
+                                 for q in quotas]
+            except imaplib.IMAP4.error:
+                pass
+        return info
+
     @_guard
     def wait(self, timeout: float) -> bool:
         """IMAP IDLE until something arrives or ``timeout`` seconds pass."""
