@@ -3,7 +3,9 @@
 An instance is sealed again for a peer only when its content changed (another SHA-256) or
 when ``--resend`` asks for it. The ledger remembers, per peer and SOP Instance UID, the file
 it came from (path, size, mtime) and its digest; an unchanged file is recognised from its
-stat alone, a moved or touched one by its digest.
+stat alone, a moved or touched one by its digest. An instance that came from a peer is
+never sealed back for that peer (two sites sending each other "today's studies" would
+otherwise echo them), unless ``--resend`` asks.
 """
 
 from __future__ import annotations
@@ -52,7 +54,11 @@ class SealMemory:
             return tuple(self.peers)
         digest: str | None = None
         out = []
+        source = self.ledger.source_of(entry.SOPInstanceUID)
         for peer in self.peers:
+            if source is not None and source["peer"] == peer and source["sha256"] == (
+                    digest := digest or _sha256(entry.source)):
+                continue  # it came from that peer, as it is
             row = self.ledger.sealed_instance(peer, entry.SOPInstanceUID)
             if row is None:
                 out.append(peer)
