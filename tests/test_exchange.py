@@ -258,3 +258,36 @@ def test_ledger_of_an_older_dtools_is_upgraded(ex, tmp_path):
     assert led.sent("ab12", "site-b")["complete"] == 1
     assert led.db.execute("PRAGMA user_version").fetchone()[0] == len(SCHEMA)
     led.close()
+
+
+def test_dstatus_counts_equal_a_count_of_every_row(tmp_path):
+    """The indexes dstatus reads give the same figures as counting the ledger row by row."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bench_status
+
+    from dtools.exchange.ledger import Ledger, ledger_path
+    from dtools.exchange.status import peer_status
+
+    home = tmp_path / "home"
+    home.mkdir()
+    bench_status.fill(home, 2000)
+    led = Ledger(ledger_path(home), readonly=True)
+    rows = {r["peer"]: r for r in peer_status(led, bench_status.PEERS)}
+    db = led.db
+    for peer in bench_status.PEERS:
+        sealed = db.execute("SELECT deposited_at, receipt_at, sealed_at FROM sealed WHERE peer=? AND lost_at IS NULL",
+                            (peer,)).fetchall()
+        r = rows[peer]
+        assert r["sealed"] == len(sealed)
+        assert r["not_deposited"] == sum(1 for d, _, _ in sealed if d is None)
+        assert r["awaiting_receipt"] == sum(1 for d, rc, _ in sealed if d is not None and rc is None)
+        assert r["delivered"] == sum(1 for _, rc, _ in sealed if rc is not None)
+        received = db.execute("SELECT r.envelope_id, r.quarantined_at, o.receipt_owed FROM received r LEFT JOIN "
+                              "opened o USING (envelope_id) WHERE r.sender=?", (peer,)).fetchall()
+        assert r["unopened"] == sum(1 for _, q, o in received if o is None and q is None)
+        assert r["receipts_owed"] == sum(1 for _, _, o in received if o == 1)
+        relay = db.execute("SELECT count(*) FROM quarantine WHERE sender=?", (peer,)).fetchone()[0]
+        assert r["quarantined"] == relay + sum(1 for _, q, o in received if o is None and q is not None)
+    led.close()

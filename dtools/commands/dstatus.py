@@ -64,7 +64,7 @@ def cmd(app: cli.App, peers, table, overdue, check_relay, relay, insecure):
     if peers:
         rows = [r for r in rows if r["peer"] in peers]
     if table:
-        _table(rows)
+        _table(rows, config.site_name or config.home.name)
     else:
         for rec in rows:
             app.emit(rec)
@@ -135,11 +135,11 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 86400:.1f} d"
 
 
-def _table(rows: list[dict]) -> None:
+def _table(rows: list[dict], site: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(show_lines=False)
+    t = Table(title=f"{site}: exchange with its peers", show_lines=False)
     for _key, title in TABLE_COLUMNS:
         t.add_column(title, justify="left" if _key == "peer" else "right")
     for r in rows:

@@ -115,9 +115,7 @@ class Ledger:
     def undeposited(self) -> list[sqlite3.Row]:
         """Envelopes sealed for a peer and not (completely) deposited in the relay yet."""
         return list(self.db.execute(
-            "SELECT s.* FROM sealed s LEFT JOIN sent t ON t.envelope_id = s.envelope_id AND t.peer = s.peer"
-            " WHERE s.lost_at IS NULL AND s.removed_at IS NULL AND (t.complete IS NULL OR t.complete = 0)"
-            " ORDER BY s.sealed_at"))
+            "SELECT * FROM sealed WHERE lost_at IS NULL AND deposited_at IS NULL ORDER BY sealed_at"))
 
     def mark_lost(self, envelope_id: str, peer: str) -> None:
         """The envelope file is gone before it reached the relay: forget its instances for that peer,
@@ -129,10 +127,8 @@ class Ledger:
     def delivered_files(self, age: float) -> list[sqlite3.Row]:
         """Sealed envelope files whose every addressee sent a receipt at least ``age`` seconds ago."""
         return list(self.db.execute(
-            "SELECT s.envelope_id, s.path FROM sealed s JOIN sent t ON t.envelope_id = s.envelope_id AND t.peer = s.peer"
-            " WHERE s.removed_at IS NULL GROUP BY s.envelope_id"
-            " HAVING count(*) = (SELECT count(*) FROM sealed x WHERE x.envelope_id = s.envelope_id AND x.lost_at IS NULL)"
-            " AND min(t.receipt_at IS NOT NULL) = 1 AND max(t.receipt_at) <= ?",
+            "SELECT envelope_id, min(path) AS path FROM sealed WHERE removed_at IS NULL AND lost_at IS NULL"
+            " GROUP BY envelope_id HAVING min(receipt_at IS NOT NULL) = 1 AND max(receipt_at) <= ?",
             (time.time() - age,)))
 
     def mark_removed(self, envelope_id: str) -> None:
@@ -159,8 +155,11 @@ class Ledger:
         self.db.execute("INSERT OR IGNORE INTO sent_parts VALUES (?,?,?,?)", (envelope_id, peer, part, time.time()))
 
     def complete(self, envelope_id: str, peer: str) -> None:
-        self.db.execute("UPDATE sent SET complete=1, last_sent=? WHERE envelope_id=? AND peer=?",
-                        (time.time(), envelope_id, peer))
+        now = time.time()
+        with self.transaction() as db:
+            db.execute("UPDATE sent SET complete=1, last_sent=? WHERE envelope_id=? AND peer=?", (now, envelope_id, peer))
+            db.execute("UPDATE sealed SET deposited_at=COALESCE(deposited_at, ?) WHERE envelope_id=? AND peer=?",
+                       (now, envelope_id, peer))
 
     def due_for_retry(self, age: float) -> list[sqlite3.Row]:
         return list(self.db.execute(
@@ -168,9 +167,13 @@ class Ledger:
             (time.time() - age,)))
 
     def mark_receipt(self, envelope_id: str, peer: str, instances: int | None) -> bool:
-        cur = self.db.execute(
-            "UPDATE sent SET receipt_at=COALESCE(receipt_at, ?), receipt_instances=? WHERE envelope_id=? AND peer=?",
-            (time.time(), instances, envelope_id, peer))
+        now = time.time()
+        with self.transaction() as db:
+            cur = db.execute(
+                "UPDATE sent SET receipt_at=COALESCE(receipt_at, ?), receipt_instances=? WHERE envelope_id=? AND peer=?",
+                (now, instances, envelope_id, peer))
+            db.execute("UPDATE sealed SET receipt_at=COALESCE(receipt_at, ?), deposited_at=COALESCE(deposited_at, ?)"
+                       " WHERE envelope_id=? AND peer=?", (now, now, envelope_id, peer))
         return cur.rowcount > 0
 
     # -- receiving ----------------------------------------------------------------
@@ -189,13 +192,12 @@ class Ledger:
     def to_hand_on(self, handed_before: float | None = None) -> list[sqlite3.Row]:
         """Received envelopes not opened (nor set aside) yet; with ``handed_before``, only those
         not handed on since then."""
-        sql = ("SELECT r.* FROM received r LEFT JOIN opened o ON o.envelope_id = r.envelope_id"
-               " WHERE o.envelope_id IS NULL AND r.quarantined_at IS NULL AND r.removed_at IS NULL")
+        sql = "SELECT * FROM received WHERE opened_at IS NULL AND quarantined_at IS NULL AND removed_at IS NULL"
         args: tuple = ()
         if handed_before is not None:
-            sql += " AND (r.handed_at IS NULL OR r.handed_at <= ?)"
+            sql += " AND (handed_at IS NULL OR handed_at <= ?)"
             args = (handed_before,)
-        return list(self.db.execute(sql + " ORDER BY r.received_at", args))
+        return list(self.db.execute(sql + " ORDER BY received_at", args))
 
     def quarantine_received(self, envelope_id: str, path: str, reason: str) -> None:
         self.db.execute("UPDATE received SET quarantined_at=?, reason=?, path=? WHERE envelope_id=?",
@@ -232,8 +234,7 @@ class Ledger:
     def opened_files(self, age: float) -> list[sqlite3.Row]:
         """Inbox envelopes opened at least ``age`` seconds ago whose file is still kept."""
         return list(self.db.execute(
-            "SELECT r.envelope_id, r.path FROM received r JOIN opened o ON o.envelope_id = r.envelope_id"
-            " WHERE r.removed_at IS NULL AND o.opened_at <= ?", (time.time() - age,)))
+            "SELECT envelope_id, path FROM received WHERE removed_at IS NULL AND opened_at <= ?", (time.time() - age,)))
 
     def mark_received_removed(self, envelope_id: str) -> None:
         self.db.execute("UPDATE received SET removed_at=? WHERE envelope_id=?", (time.time(), envelope_id))
@@ -249,6 +250,7 @@ class Ledger:
         with self.transaction() as db:
             db.execute("INSERT OR IGNORE INTO opened VALUES (?,?,?,?,?,?)",
                        (envelope_id, sender, sha256, instances, now, 1 if receipt_owed else 0))
+            db.execute("UPDATE received SET opened_at=COALESCE(opened_at, ?) WHERE envelope_id=?", (now, envelope_id))
             db.executemany("INSERT INTO archived VALUES (?,?,?,?,?) ON CONFLICT (sop) DO UPDATE SET"
                            " peer=excluded.peer, sha256=excluded.sha256, envelope_id=excluded.envelope_id,"
                            " at=excluded.at", [(sop, sender, digest, envelope_id, now) for sop, digest in archived])

@@ -14,31 +14,20 @@ from .ledger import Ledger
 FIELDS = ("sealed", "not_deposited", "awaiting_receipt", "delivered", "oldest_awaiting_s",
           "unopened", "receipts_owed", "quarantined", "incomplete_sets")
 
-_QUERIES = {
-    # sender side: envelopes sealed for the peer, by how far they got
-    "sealed": "SELECT peer, count(*) FROM sealed WHERE lost_at IS NULL GROUP BY peer",
-    "not_deposited": (
-        "SELECT s.peer, count(*) FROM sealed s LEFT JOIN sent t ON t.envelope_id = s.envelope_id AND t.peer = s.peer"
-        " WHERE s.lost_at IS NULL AND s.removed_at IS NULL AND (t.complete IS NULL OR t.complete = 0)"
-        " GROUP BY s.peer"),
-    "awaiting_receipt": "SELECT peer, count(*) FROM sent WHERE complete = 1 AND receipt_at IS NULL GROUP BY peer",
-    "delivered": "SELECT peer, count(*) FROM sent WHERE receipt_at IS NOT NULL GROUP BY peer",
-    # the oldest envelope without a receipt, deposited or not, counted from when it was sealed
-    "oldest": (
-        "SELECT s.peer, min(s.sealed_at) FROM sealed s LEFT JOIN sent t ON t.envelope_id = s.envelope_id"
-        " AND t.peer = s.peer WHERE s.lost_at IS NULL AND t.receipt_at IS NULL GROUP BY s.peer"),
-    # receiver side: what the peer sent us
-    "unopened": (
-        "SELECT r.sender, count(*) FROM received r LEFT JOIN opened o ON o.envelope_id = r.envelope_id"
-        " WHERE o.envelope_id IS NULL AND r.quarantined_at IS NULL AND r.removed_at IS NULL GROUP BY r.sender"),
+# Totals are one scan of a narrow index; what still waits (usually few) comes from partial
+# indexes, and the latest times from one index lookup per peer.
+_TOTAL = "SELECT peer, count(*) FROM sealed WHERE lost_at IS NULL GROUP BY peer"
+_WAITING = ("SELECT peer, count(*), sum(deposited_at IS NULL), min(sealed_at) FROM sealed"
+            " WHERE receipt_at IS NULL AND lost_at IS NULL GROUP BY peer")
+_LAST_RECEIPT = "SELECT max(receipt_at) FROM sealed WHERE peer = ?"
+_PENDING = ("SELECT sender, sum(quarantined_at IS NULL AND removed_at IS NULL), sum(quarantined_at IS NOT NULL)"
+            " FROM received WHERE opened_at IS NULL GROUP BY sender")
+_SENDERS = "SELECT DISTINCT sender FROM received"
+_LAST_RECEIVED = "SELECT max(received_at) FROM received WHERE sender = ?"
+_OTHERS = {
     "receipts_owed": "SELECT sender, count(*) FROM opened WHERE receipt_owed = 1 GROUP BY sender",
-    "quarantined_inbox": (
-        "SELECT r.sender, count(*) FROM received r LEFT JOIN opened o ON o.envelope_id = r.envelope_id"
-        " WHERE o.envelope_id IS NULL AND r.quarantined_at IS NOT NULL GROUP BY r.sender"),
     "quarantined_relay": "SELECT sender, count(*) FROM quarantine GROUP BY sender",
     "incomplete_sets": "SELECT sender, count(*) FROM spool_sets GROUP BY sender",
-    "last_receipt": "SELECT peer, max(receipt_at) FROM sent GROUP BY peer",
-    "last_received": "SELECT sender, max(received_at) FROM received GROUP BY sender",
 }
 
 
@@ -47,8 +36,22 @@ def peer_status(ledger: Ledger, configured: list[str], now: float | None = None)
     removed from config.toml, or a sender nobody authenticated: ``configured`` false)."""
     now = time.time() if now is None else now
     got: dict[str, dict[str | None, object]] = defaultdict(dict)
-    for name, sql in _QUERIES.items():
-        for peer, value in ledger.db.execute(sql):
+    db = ledger.db
+    for peer, total in db.execute(_TOTAL):
+        got["sealed"][peer] = total
+        got["last_receipt"][peer] = db.execute(_LAST_RECEIPT, (peer,)).fetchone()[0]
+    for peer, waiting, not_deposited, oldest in db.execute(_WAITING):
+        got["not_deposited"][peer], got["awaiting_receipt"][peer] = not_deposited, waiting - not_deposited
+        got["oldest"][peer] = oldest
+    for peer, total in got["sealed"].items():
+        got["delivered"][peer] = int(total) - int(got["not_deposited"].get(peer, 0)) - int(  # type: ignore[arg-type]
+            got["awaiting_receipt"].get(peer, 0))  # type: ignore[arg-type]
+    for peer, unopened, quarantined in db.execute(_PENDING):
+        got["unopened"][peer], got["quarantined_inbox"][peer] = unopened, quarantined
+    for (peer,) in db.execute(_SENDERS).fetchall():
+        got["last_received"][peer] = db.execute(_LAST_RECEIVED, (peer,)).fetchone()[0]
+    for name, sql in _OTHERS.items():
+        for peer, value in db.execute(sql):
             got[name][peer] = value
     names: list[str | None] = list(configured)
     for values in got.values():
