@@ -114,8 +114,13 @@ def _identity(config):
 
 def _send_envelopes(app: cli.App, sender: Sender, to: list[str], known: set[str], retry_age: float | None) -> None:
     counts = {"sent": 0, "skipped": 0, "bytes": 0}
+    done: set[tuple[str, str]] = set()  # one record per envelope and peer, however it came
 
     def tally(out: dict) -> None:
+        key = (out["envelope_id"], out["peer"])
+        if key in done and out["status"] == "already-sent":
+            return
+        done.add(key)
         app.emit(out)
         if out["status"] == "already-sent":
             counts["skipped"] += 1
