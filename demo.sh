@@ -36,17 +36,31 @@ step "site A: index sample studies (CT and MR, names in several character sets)"
 dindex --home "$A" -q "$DEMO/data"
 dsearch --home "$A" --level study --table --fields PatientName,StudyDate,ModalitiesInStudy,StudyDescription
 
+send() {
+    dsearch --home "$A" Modality=CT StudyDate=20260101-20260131 \
+        | dseal --home "$A" --to site-b \
+        | dmail-send --home "$A"
+}
+receive() {
+    dmail-recv --home "$1" \
+        | dseal --home "$1" --open \
+        | dindex --home "$1" \
+        | dmail-send --home "$1" --receipts
+}
+
 step "site A: seal the CT studies of January 2026 for site B and send them"
-dsearch --home "$A" Modality=CT StudyDate=20260101-20260131 \
-    | dseal --home "$A" --to site-b \
-    | dmail-send --home "$A"
+send
+
+step "site A: the same line again (as cron runs it every minute): nothing goes twice"
+send
 
 step "site B: receive, open, index, and send a receipt"
-dmail-recv --home "$B" \
-    | dseal --home "$B" --open \
-    | dindex --home "$B" \
-    | dmail-send --home "$B" --receipts > /dev/null
+receive "$B" > /dev/null
 dsearch --home "$B" --level study --table --fields PatientName,StudyDate,ModalitiesInStudy,StudyDescription
 
-step "site A: the receipt comes back"
-dmail-recv --home "$A"
+step "site A: the receipt comes back (the same receive line takes receipts)"
+receive "$A"
+
+step "where everything stands, at each site (dstatus)"
+dstatus --home "$A" --table
+dstatus --home "$B" --table

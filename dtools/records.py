@@ -16,7 +16,7 @@ from typing import IO, Callable, Iterable, Iterator
 
 import orjson
 
-KINDS = ("instance", "series", "study", "patient", "envelope", "message", "receipt")
+KINDS = ("instance", "series", "study", "patient", "envelope", "message", "receipt", "peer", "relay")
 
 
 _OPTS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS

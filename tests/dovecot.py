@@ -103,7 +103,8 @@ class Dovecot:
         quota = ""
         if self.append_limit:
             quota = (f"mail_plugins = $mail_plugins quota\nprotocol imap {{\n  mail_plugins = $mail_plugins imap_quota\n}}\n"
-                     f"plugin {{\n  quota = maildir:User quota\n  quota_max_mail_size = {self.append_limit}\n}}\n"
+                     f"plugin {{\n  quota = maildir:User quota\n  quota_rule = *:storage=1G\n"
+                     f"  quota_max_mail_size = {self.append_limit}\n}}\n"
                      f"imap_capability = +APPENDLIMIT={self.append_limit}\n")
         (d / "dovecot.conf").write_text(f"""
 base_dir = {d}/run

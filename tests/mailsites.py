@@ -42,3 +42,14 @@ def fake_envelope(directory: Path, size: int, to: str = "site-b", sender: str = 
 
 def lines(records: list[dict]) -> bytes:
     return b"".join(orjson.dumps(r) + b"\n" for r in records)
+
+
+def mark_opened(home: Path, envelope_id: str, sender: str = "site-a", instances: int = 1, owed: bool = True) -> None:
+    """What 'dseal --open' records for an envelope it opened (the fake ones cannot be opened)."""
+    from dtools.exchange.ledger import Ledger, ledger_path
+
+    led = Ledger(ledger_path(home))
+    try:
+        led.mark_opened(envelope_id, sender, "0" * 64, instances, owed)
+    finally:
+        led.close()

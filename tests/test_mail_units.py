@@ -11,7 +11,7 @@ from dtools.config import Config
 from dtools.errors import ConfigError, InputError, UsageError
 from dtools.mail import message as msg
 from dtools.mail.common import RunLock, parse_age
-from dtools.mail.ledger import Ledger
+from dtools.exchange.ledger import Ledger
 from dtools.mail.maildir import MaildirMailbox
 from dtools.mail.relay import open_mailbox, parse_url, relay_for
 from dtools.errors import TempFailure

@@ -10,8 +10,8 @@ from .. import cli
 from ..dicom.archive import clean_stale_temporaries
 from ..errors import InputError, UsageError
 from ..mail import message as msg
-from ..mail.common import RunLock, parse_age
-from ..mail.ledger import Ledger, ledger_path
+from ..exchange.ledger import Ledger, ledger_path
+from ..mail.common import RunLock, parse_age, retention
 from ..mail.receiver import Receiver
 from ..mail.relay import open_mailbox, relay_for
 from ..mail.sender import require_site
@@ -36,10 +36,11 @@ from ..mail.sender import require_site
 def cmd(app: cli.App, relay, idle, max_time, idle_timeout, part_timeout, done_folder, insecure):
     """Fetch this site's folder of the relay (BASE/SITE) once and write what arrived.
 
-    Parts are checked against their SHA-256 and kept in HOME/spool until a set is complete;
-    the envelope is then written atomically to HOME/inbox/ID.dtenv and an 'envelope' record is
-    printed. Messages leave the relay only after that. Receipts from peers are verified,
-    printed as 'receipt' records and marked in the ledger.
+    Each part is checked against its sender's signature and its SHA-256 and kept in
+    HOME/spool until a set is complete; the envelope is then written atomically to
+    HOME/inbox/ID.dtenv and an 'envelope' record is printed. Messages leave the relay only
+    after that. Every run prints again the envelopes that 'dseal --open' has not opened yet.
+    Receipts from peers are verified, printed as 'receipt' records and marked in the ledger.
     """
     config = app.config
     config.ensure_home()
@@ -55,6 +56,7 @@ def cmd(app: cli.App, relay, idle, max_time, idle_timeout, part_timeout, done_fo
                 msg.check_site(piece, "--done-folder")
         except InputError as exc:
             raise UsageError(str(exc)) from None
+    keep_inbox, keep_outbox = retention(config)
     url, key = relay_for(config, relay)
     with RunLock(config.dir("spool") / ".dmail-recv.lock", app.prog):
         clean_stale_temporaries(config.dir("spool"))
@@ -64,7 +66,8 @@ def cmd(app: cli.App, relay, idle, max_time, idle_timeout, part_timeout, done_fo
         try:
             with app.progress("receiving", None, "bytes") as advance:
                 rx = Receiver(config, ledger, site, url, box, emit=app.emit, fail=app.fail,
-                              done_folder=done_folder, part_timeout=part_age, advance=advance)
+                              done_folder=done_folder, part_timeout=part_age, keep_opened=keep_inbox,
+                              keep_delivered=keep_outbox, rehand_after=idle_age, advance=advance)
                 rx.sync()
                 if idle:
                     deadline = None if max_age is None else time.monotonic() + max_age

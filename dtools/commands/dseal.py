@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from .. import cli
 from ..errors import ConfigError, InputError, TempFailure, UsageError
 from ..seal import keys
 from ..seal.opening import Opener
-from ..seal.sealing import GROUPS, clean_stale_envelopes, collect, read_passphrase, seal_group, stat_size
+from ..seal.sealing import GROUPS, clean_stale_envelopes, collect, read_passphrase, seal_group
 
 
 class _Group(click.Group):
@@ -44,8 +45,10 @@ class _Group(click.Group):
               help="One envelope per study (default), per series, or one for all input [env DTOOLS_SEAL_GROUP].")
 @click.option("--passphrase-file", "passphrase_file", metavar="FILE", default=None,
               help="Shared-secret mode: derive the key from the passphrase in FILE (weaker; see dseal(1)).")
+@click.option("--resend", is_flag=True,
+              help="Seal every input again, even instances already sealed for these peers and unchanged.")
 @cli.null_option
-def dseal(app, to, open_, group, passphrase_file, null):
+def dseal(app, to, open_, group, passphrase_file, resend, null):
     ctx = click.get_current_context()
     if ctx.invoked_subcommand is not None:
         return None
@@ -62,12 +65,17 @@ def dseal(app, to, open_, group, passphrase_file, null):
         inputs = ({"path": p} for p in paths)
     else:
         inputs = app.read_records(null=null)
-    code = _open(app, inputs, passphrase) if open_ else _seal(app, inputs, to, group, passphrase)
+    if resend and open_:
+        raise UsageError("--resend applies to sealing (--to), not to --open")
+    code = _open(app, inputs, passphrase) if open_ else _seal(app, inputs, to, group, passphrase, resend)
     return code if code is not None else (1 if app.failures else 0)
 
 
-def _seal(app, inputs, to, group, passphrase):
+def _seal(app, inputs, to, group, passphrase, resend):
     import logging
+
+    from ..exchange.ledger import Ledger, ledger_path
+    from ..seal.memory import SealLock, SealMemory, recover_sealed
 
     if not app.verbose:  # pydicom's log lines may quote element values (patient data)
         logging.getLogger("pydicom").setLevel(logging.ERROR)
@@ -79,24 +87,24 @@ def _seal(app, inputs, to, group, passphrase):
     for n in names:
         keys.check_name(n, "peer name")
     identity = None
-    recipients: list[keys.PeerKey] = []
+    recipients: dict[str, keys.PeerKey] = {}
     if passphrase is None:
         identity = keys.load_identity(config)
         peers = keys.load_peers(config)
         for n in names:
             if n in peers:
-                recipients.append(peers[n])
+                recipients[n] = peers[n]
             elif n == identity.name:
-                recipients.append(identity.public())
+                recipients[n] = identity.public()
             elif n in config.section("peers"):
                 raise ConfigError(
-                    f"peer {n!r} has no identity; add identity = \"<line printed by 'dseal keygen' there>\" "
-                    f"to [peers.{n}] in {config.path}, or seal with --passphrase-file"
+                    f"peer {n!r} has no identity; add it with 'dseal peers add {n} \"<line printed by 'dseal keygen' "
+                    f"there>\"', or seal with --passphrase-file"
                 )
             else:
                 raise ConfigError(
-                    f"unknown peer {n!r}; add [peers.{n}] identity = \"<line printed by 'dseal keygen' there>\" "
-                    f"to {config.path} (see 'dseal peers')"
+                    f"unknown peer {n!r}: there is no [peers.{n}] in {config.path}; add it with "
+                    f"'dseal peers add {n} \"<line printed by 'dseal keygen' there>\"' (see 'dseal peers')"
                 )
         sender = identity.name
     else:
@@ -108,28 +116,44 @@ def _seal(app, inputs, to, group, passphrase):
             raise ConfigError("this site has no name; set [site] name in config.toml or run 'dseal keygen NAME'")
         keys.check_name(sender, "site name")
     outbox = config.dir("outbox")
-    if clean_stale_envelopes(outbox):
-        app.log.info("removed temporaries left in %s by a killed run", outbox)
-    groups = collect(inputs, how, app.fail, app.log.info)
-    total = sum(g.bytes for g in groups)
-    sealed = 0
-    with app.progress("sealing", total=total, unit="bytes") as advance:
-        for g in groups:
-            if not g.entries:
-                continue
-            try:
-                record = seal_group(g, outbox, identity=identity, recipients=recipients, sender=sender,
-                                    recipient_names=names, passphrase=passphrase, advance=advance)
-            except InputError as exc:
-                app.fail(f"envelope for {len(g.entries)} file(s)", f"{exc}; nothing was written for them")
-                continue
-            except OSError as exc:  # the outbox: disk full, permissions
-                raise TempFailure(f"{outbox}: cannot write envelope ({exc.strerror or exc}); "
-                                  "free space or fix permissions, then run again") from None
-            app.emit(record)
-            sealed += 1
-            app.log.info("sealed %s: %d file(s), %d bytes", record["envelope_id"], record["instances"], record["bytes"])
-    app.info(f"sealed {sealed} envelope(s) for {', '.join(names)}" + (f"; {app.failures} input(s) failed" if app.failures else ""))
+    ledger = Ledger(ledger_path(config.home))
+    memory = SealMemory(ledger, names, resend=resend)
+    try:
+        groups = collect(inputs, how, app.fail, app.log.info, warn=app.err, skip=memory.already_sealed)
+        sealed = 0
+        # Read the input first, then hold the seal lock only while sealing: an overlapping run
+        # waits here, then finds what this one sealed in the ledger and skips it.
+        with SealLock(outbox):
+            if recover_sealed(ledger):
+                app.log.info("put in place envelopes sealed by a run that was killed before it finished")
+            if clean_stale_envelopes(outbox):
+                app.log.info("removed temporaries left in %s by a killed run", outbox)
+            work = [(peers, g) for group_ in groups if group_.entries for peers, g in memory.split(group_)]
+            total = sum(g.bytes for _, g in work)
+            with app.progress("sealing", total=total, unit="bytes") as advance:
+                for peers, g in work:
+                    try:
+                        record = seal_group(g, outbox, identity=identity, recipients=[recipients[p] for p in peers]
+                                            if passphrase is None else [], sender=sender, recipient_names=peers,
+                                            passphrase=passphrase, advance=advance, ledger=ledger)
+                    except InputError as exc:
+                        app.fail(f"envelope for {len(g.entries)} file(s)", f"{exc}; nothing was written for them")
+                        continue
+                    except OSError as exc:  # the outbox: disk full, permissions
+                        raise TempFailure(f"{outbox}: cannot write envelope ({exc.strerror or exc}); "
+                                          "free space or fix permissions, then run again") from None
+                    app.emit(record)
+                    sealed += 1
+                    app.log.info("sealed %s: %d file(s), %d bytes", record["envelope_id"], record["instances"],
+                                 record["bytes"])
+    finally:
+        ledger.close()
+    summary = f"sealed {sealed} envelope(s) for {', '.join(names)}"
+    if memory.skipped:
+        summary += f"; {memory.skipped} instance(s) already sealed for them and unchanged (--resend sends them again)"
+    if app.failures:
+        summary += f"; {app.failures} input(s) failed"
+    app.info(summary)
     return None
 
 
@@ -143,47 +167,77 @@ def _open(app, inputs, passphrase):
         identity = None
     peers = keys.load_peers(config)
     opener = Opener(config, identity, peers, passphrase, log=app.log.info)
-    items = []
-    skipped = 0
-    for record in inputs:
-        if record.get("kind") not in (None, "envelope"):
-            skipped += 1  # receipts and messages from dmail-recv pass by
-            continue
-        p = record.get("path")
-        if not isinstance(p, str) or not p:
-            app.fail("record", "has no path to an envelope")
-            continue
-        items.append(Path(p).expanduser().absolute())
-    opened = replays = 0
-    with app.progress("opening", total=sum(stat_size(p) for p in items), unit="bytes") as advance:
-        for path in items:
-            try:
-                result = opener.open(path, advance)
-            except InputError as exc:
-                app.fail(path, f"{exc}; nothing was written")
-                continue
-            except OSError as exc:  # spool or archive: disk full, permissions
-                raise TempFailure(f"{path}: cannot write into {config.home} ({exc.strerror or exc}); "
-                                  "the envelope is not marked opened; free space or fix permissions, then run again") from None
-            if result.replay is not None:
-                replays += 1
-                app.info(f"{path}: envelope {result.envelope_id} was already opened ({result.replay.opened_at}); "
-                         "nothing new written")
-                continue
-            for rec in result.records:
-                app.emit(rec)
-            opener.remember(result.envelope_id, result.peer, result.sha256, len(result.records))
-            opened += 1
-            app.log.info("opened %s from %s: %d file(s)", result.envelope_id, result.peer, len(result.records))
-    summary = f"opened {opened} envelope(s)"
-    if skipped:
-        summary += f", skipped {skipped} record(s) that are not envelopes"
-    if replays:
-        summary += f", {replays} already opened before"
+    counts = {"opened": 0, "replays": 0, "skipped": 0}
+    try:
+        # One envelope at a time, as records arrive, so that 'dmail-recv --idle | dseal --open'
+        # opens each envelope as soon as it is fetched.
+        with app.progress("opening", total=None, unit="bytes") as advance:
+            for record in inputs:
+                if record.get("kind") not in (None, "envelope"):
+                    counts["skipped"] += 1  # receipts and messages from dmail-recv pass by
+                    continue
+                p = record.get("path")
+                if not isinstance(p, str) or not p:
+                    app.fail("record", "has no path to an envelope")
+                    continue
+                _open_one(app, opener, Path(p).expanduser().absolute(), advance, counts)
+    finally:
+        opener.close()
+    summary = f"opened {counts['opened']} envelope(s)"
+    if counts["skipped"]:
+        summary += f", skipped {counts['skipped']} record(s) that are not envelopes"
+    if counts["replays"]:
+        summary += f", {counts['replays']} already opened before"
     if app.failures:
         summary += f"; {app.failures} failed"
     app.info(summary)
     return None
+
+
+def _open_one(app, opener: Opener, path: Path, advance, counts: dict) -> None:
+    config = app.config
+    try:
+        result = opener.open(path, advance, record=True)
+    except InputError as exc:
+        where = _quarantine(opener, path, str(exc))
+        app.fail(path, f"{exc}; nothing was written" + (f"; set aside in {where}" if where else ""))
+        return
+    except OSError as exc:  # spool or archive: disk full, permissions
+        raise TempFailure(f"{path}: cannot write into {config.home} ({exc.strerror or exc}); "
+                          "the envelope is not marked opened; free space or fix permissions, then run again") from None
+    if result.replay is not None:
+        counts["replays"] += 1
+        app.info(f"{path}: envelope {result.envelope_id} was already opened ({result.replay.opened_at}); "
+                 "nothing new written")
+        return
+    for sop, why in result.refused:
+        app.fail(f"envelope {result.envelope_id} from {result.peer}", f"instance {sop} {why}")
+    for sop, aside in result.replaced:
+        app.err(f"envelope {result.envelope_id} from {result.peer}: instance {sop} replaces the version "
+                f"{result.peer} sent before; the old one is kept at {aside}")
+    for p, why in result.failed:
+        app.fail(p, why)
+    for rec in result.records:
+        app.emit(rec)
+    counts["opened"] += 1
+    app.log.info("opened %s from %s: %d file(s)", result.envelope_id, result.peer, len(result.records))
+
+
+def _quarantine(opener: Opener, path: Path, reason: str) -> str | None:
+    """Set aside an envelope from the inbox that cannot be opened, so later runs stop offering it."""
+    from ..dicom.archive import fsync_dir
+
+    envelope_id = path.name[: -len(".dtenv")] if path.name.endswith(".dtenv") else None
+    row = opener.ledger.received(envelope_id) if envelope_id else None
+    if row is None or Path(row["path"]) != path or not path.exists():
+        return None
+    qdir = opener.config.dir("inbox") / "quarantine"
+    qdir.mkdir(mode=0o700, exist_ok=True)
+    target = qdir / path.name
+    os.replace(path, target)
+    fsync_dir(qdir)
+    opener.ledger.quarantine_received(envelope_id, str(target), reason)
+    return str(qdir)
 
 
 @dseal.command("keygen", context_settings=cli.CONTEXT_SETTINGS)

@@ -9,7 +9,7 @@ import os
 import re
 import secrets
 from pathlib import Path
-from typing import IO, Iterable
+from typing import IO, Callable, Iterable
 
 from .. import security
 from ..errors import InputError
@@ -79,10 +79,15 @@ class AtomicFile:
     the site's (``security.file_mode()``: owner only, or a configured group) unless given.
     """
 
-    def __init__(self, target: Path, mode: int | None = None, sync: bool = True):
+    def __init__(self, target: Path, mode: int | None = None, sync: bool = True,
+                 before_rename: Callable[[], None] | None = None):
         self.target = Path(target)
         self.mode = security.file_mode() if mode is None else mode
         self.sync = sync
+        # Runs once the content is durable and before it appears under its name: a ledger
+        # commit here means a crash leaves either nothing recorded, or a complete temporary
+        # that recover_temporary() can put in place.
+        self.before_rename = before_rename
         self.tmp = self.target.parent / f".{self.target.name}.{secrets.token_hex(6)}.tmp"
         self.file: IO[bytes] | None = None
 
@@ -109,6 +114,8 @@ class AtomicFile:
                     os.fsync(self.file.fileno())
             self.file.close()
             if exc_type is None:
+                if self.before_rename is not None:
+                    self.before_rename()
                 os.replace(self.tmp, self.target)
                 if self.sync:
                     fsync_dir(self.target.parent)
@@ -118,6 +125,23 @@ class AtomicFile:
                     self.tmp.unlink()
                 except OSError:
                     pass
+
+
+def recover_temporary(target: Path) -> bool:
+    """Put in place the complete temporary of ``target`` left by a process killed between
+    AtomicFile's ``before_rename`` and its rename; False if there is none."""
+    target = Path(target)
+    if target.exists():
+        return True
+    try:
+        temps = sorted(target.parent.glob(f".{target.name}.*.tmp"), key=lambda p: p.stat().st_mtime)
+    except OSError:
+        return False
+    if not temps:
+        return False
+    os.replace(temps[-1], target)
+    fsync_dir(target.parent)
+    return True
 
 
 def write_atomic(target: Path, data: bytes | Iterable[bytes], mode: int | None = None) -> Path:

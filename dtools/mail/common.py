@@ -21,6 +21,20 @@ def parse_age(text: str, option: str) -> float:
     return float(m.group(1)) * _UNIT[m.group(2)]
 
 
+def parse_keep(text: object, option: str) -> float | None:
+    """A retention age, or None for ``never``."""
+    if str(text).strip().lower() in ("never", "forever"):
+        return None
+    return parse_age(str(text), option)
+
+
+def retention(config) -> tuple[float | None, float | None]:
+    """How long opened inbox envelopes and delivered outbox envelopes are kept (None: always)."""
+    inbox = parse_keep(config.get("retention.inbox", "7d"), "[retention] inbox")
+    outbox = parse_keep(config.get("retention.outbox", "0s"), "[retention] outbox")
+    return inbox, outbox
+
+
 class RunLock:
     """An exclusive lock so that two cron runs of the same command in one home never overlap."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import imaplib
+import re
 import socket
 import ssl
 import time
@@ -46,6 +47,27 @@ def _why(exc: BaseException) -> str:
     if isinstance(exc, socket.timeout):
         text = "timed out"
     return text.replace("\r", " ").replace("\n", " ")[:200]
+
+
+_QUOTA = re.compile(rb'^\s*("(?:[^"\\]|\\.)*"|\S+)\s*\((.*)\)\s*$')
+
+
+def _parse_quota(lines: list) -> list[dict]:
+    """RFC 9208 QUOTA responses, as imaplib returns them: root (RESOURCE usage limit ...)."""
+    out = []
+    for line in lines or []:
+        m = _QUOTA.match(line) if isinstance(line, bytes) else None
+        if not m:
+            continue
+        root = m.group(1).strip(b'"').decode("utf-8", "replace")
+        words = m.group(2).split()
+        for i in range(0, len(words) - 2, 3):
+            try:
+                out.append({"root": root, "resource": words[i].decode("ascii", "replace"),
+                            "usage": int(words[i + 1]), "limit": int(words[i + 2])})
+            except ValueError:
+                continue
+    return out
 
 
 class ImapMailbox:
@@ -218,6 +240,37 @@ class ImapMailbox:
         else:
             self.client.copy(ids, name)
             self.delete(uids)
+
+    # -- inspection (dstatus --check-relay) ------------------------------------------
+    @_guard
+    def folder_status(self, folder: str) -> tuple[int, int] | None:
+        """(messages, bytes) in a folder, None if it does not exist; never creates it."""
+        name = self._name(folder)
+        if not self.client.folder_exists(name):
+            return None
+        if self.client.has_capability("STATUS=SIZE"):
+            st = self.client.folder_status(name, ["MESSAGES", "SIZE"])
+            return int(st.get(b"MESSAGES", 0)), int(st.get(b"SIZE", 0))
+        self.client.select_folder(name, readonly=True)
+        self.current = None
+        uids = self.client.search("ALL")
+        size = 0
+        for start in range(0, len(uids), _FETCH_BATCH):
+            for data in self.client.fetch(uids[start:start + _FETCH_BATCH], ["RFC822.SIZE"]).values():
+                size += int(data.get(b"RFC822.SIZE", 0))
+        return len(uids), size
+
+    @_guard
+    def server_info(self) -> dict:
+        """What the server advertises that bears on the relay: size limit and quota."""
+        info: dict = {"append_limit": self.append_limit, "quota": None}
+        if self.client.has_capability("QUOTA"):
+            # imaplib's GETQUOTAROOT: IMAPClient 3.x/4.x's get_quota_root fails with an
+            # IndexError when the server names no quota root (Dovecot without limits).
+            typ, data = self.client._imap.getquotaroot("INBOX")
+            if typ == "OK" and len(data) > 1:
+                info["quota"] = _parse_quota(data[1])
+        return info
 
     @_guard
     def wait(self, timeout: float) -> bool:

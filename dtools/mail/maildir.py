@@ -157,6 +157,25 @@ class MaildirMailbox:
                 pass
         fsync_dir(target / "cur")
 
+    def folder_status(self, folder: str) -> tuple[int, int] | None:
+        """(messages, bytes) in a folder, None if it does not exist; never creates it."""
+        path = self._dir(folder, create=False)
+        if not (path / "new").is_dir():
+            return None
+        n = size = 0
+        for sub in ("new", "cur"):
+            for entry in os.scandir(path / sub):
+                if not entry.name.startswith("."):
+                    try:
+                        size += entry.stat().st_size
+                        n += 1
+                    except FileNotFoundError:
+                        pass
+        return n, size
+
+    def server_info(self) -> dict:
+        return {"append_limit": None, "quota": None}
+
     def wait(self, timeout: float) -> bool:
         """Poll for new files (a Maildir has no IDLE)."""
         assert self.current is not None

@@ -18,7 +18,7 @@ import orjson
 from ..config import Config
 from ..errors import ConfigError, InputError
 from . import message as msg
-from .ledger import Ledger
+from ..exchange.ledger import Ledger
 from .relay import Mailbox, RelayURL, open_mailbox, relay_for
 
 log = logging.getLogger("dtools")
@@ -31,10 +31,11 @@ def file_sha256(path: Path) -> str:
 
 class Sender:
     def __init__(self, config: Config, ledger: Ledger, site: str, *, relay_flag: str | None = None,
-                 max_message_size: int = 20 * 1024 * 1024, insecure: bool = False):
+                 max_message_size: int = 20 * 1024 * 1024, insecure: bool = False, identity=None):
         self.config = config
         self.ledger = ledger
         self.site = site
+        self.identity = identity  # signs each envelope part; None for a passphrase-only site
         self.relay_flag = relay_flag
         self.max_message_size = max_message_size
         self.insecure = insecure
@@ -72,6 +73,17 @@ class Sender:
         except OSError as exc:
             raise InputError(f"cannot read envelope file ({exc.strerror})") from None
         row = self.ledger.sent(envelope_id, peer)
+        sealed = self.ledger.sealed(envelope_id, peer)
+        if row is not None:
+            sha256 = row["sha256"]
+        elif sealed is not None:
+            sha256 = sealed["sha256"]
+        elif sha256 is None:
+            sha256 = file_sha256(path)
+        if sealed is None:
+            # Sealed elsewhere (or by an older dtools): from now on the ledger owns it, so a
+            # failed deposit is retried by the next run.
+            self.ledger.note_sealed(envelope_id, [peer], str(path.absolute()), size, sha256, None)
         if row is not None and row["complete"] and not retry:
             return self._record(row, "already-sent")
         url, box = self.mailbox(peer)
@@ -79,10 +91,9 @@ class Sender:
             if row["bytes"] != size:
                 raise InputError(f"envelope {envelope_id} changed size since it was first sent "
                                  f"({row['bytes']} -> {size} bytes); seal it again under a new id")
-            part_size, sha256 = row["part_size"], row["sha256"]
+            part_size = row["part_size"]
         else:
             part_size = msg.part_payload_size(self.limit(box))
-            sha256 = sha256 or file_sha256(path)
         total = max(1, -(-size // part_size))
         self.ledger.begin_send(envelope_id, peer, str(path.absolute()), size, sha256, part_size, total, url.display)
         folder = url.folder(peer)
@@ -103,7 +114,8 @@ class Sender:
                 f.seek((i - 1) * part_size)
                 chunk = f.read(part_size)
                 data = msg.build(msg.KIND_ENVELOPE, envelope_id, self.site, peer, chunk, part=i, total=total,
-                                 envelope_sha256=sha256, envelope_bytes=size)
+                                 envelope_sha256=sha256, envelope_bytes=size,
+                                 sign=self.identity.sign if self.identity is not None else None)
                 del chunk
                 box.append(folder, data)
                 del data
@@ -136,13 +148,14 @@ class Sender:
         msg.check_envelope_id(envelope_id)
         msg.check_site(peer, "peer name")
         got = self.ledger.received(envelope_id)
+        opened = self.ledger.opened(envelope_id)
         body = {
             "kind": "receipt",
             "envelope_id": envelope_id,
             "from": self.site,
             "to": peer,
             "instances": instances,
-            "sha256": got["sha256"] if got else None,
+            "sha256": got["sha256"] if got else (opened["sha256"] if opened else None),
             "bytes": got["bytes"] if got else None,
             "received_at": _iso(got["received_at"] if got else time.time()),
         }
@@ -155,6 +168,7 @@ class Sender:
         payload = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
         folder = url.folder(peer)
         mid = msg.message_id(msg.KIND_RECEIPT, envelope_id, peer)
+        # Deterministic Message-ID: a rerun after a crash finds the copy it deposited.
         if not box.present(folder, envelope_id, [mid]):
             data = msg.build(msg.KIND_RECEIPT, envelope_id, self.site, peer, payload,
                              content_type="application/json", signature=identity.sign(payload))

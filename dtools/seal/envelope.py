@@ -277,6 +277,7 @@ class Entry:
     size: int
     name: str = ""
     source: Path | None = None  # seal side: where the bytes come from
+    mtime_ns: int = 0  # seal side: the source's mtime, for the per-peer memory of what was sealed
 
     def __post_init__(self) -> None:
         if not self.name:

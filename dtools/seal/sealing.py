@@ -65,7 +65,7 @@ def entry_for(record: dict) -> Entry:
     if not path.is_file():
         raise InputError("not a regular file")
     study, series, sop = read_uids(path)
-    return Entry(study, series, sop, st.st_size, source=path)
+    return Entry(study, series, sop, st.st_size, source=path, mtime_ns=st.st_mtime_ns)
 
 
 @dataclass
@@ -88,12 +88,17 @@ def group_key(entry: Entry, how: str) -> str:
 
 
 def collect(records: Iterable[dict], how: str, fail: Callable[[str, str], None],
-            note: Callable[[str], None]) -> list[Group]:
-    """Read and check every input, then group; a bad input goes to ``fail(input, reason)``."""
+            note: Callable[[str], None], warn: Callable[[str], None] | None = None,
+            skip: Callable[[dict], bool] | None = None) -> list[Group]:
+    """Read and check every input, then group; a bad input goes to ``fail(input, reason)``.
+
+    ``skip(record)`` drops an input before its file is read (already sealed, unchanged)."""
     groups: dict[str, Group] = {}
     for record in records:
         name = str(record.get("path") or record.get("SOPInstanceUID") or record.get("StudyInstanceUID")
                    or f"{record.get('kind', 'unknown')} record")
+        if skip is not None and skip(record):
+            continue
         try:
             entry = entry_for(record)
         except InputError as exc:
@@ -103,7 +108,9 @@ def collect(records: Iterable[dict], how: str, fail: Callable[[str, str], None],
         seen = g.sops.get(entry.SOPInstanceUID)
         if seen is not None:
             if seen != entry.source:
-                fail(name, f"SOPInstanceUID {entry.SOPInstanceUID} is already in this envelope from {seen}; skipped")
+                # As dindex does: two files of one instance are a warning, and one of them travels.
+                (warn or note)(f"{name}: same SOPInstanceUID {entry.SOPInstanceUID} as {seen}; "
+                               "sealed once, from the first")
             else:
                 note(f"{name}: given twice; sealed once")
             continue
@@ -115,17 +122,31 @@ def collect(records: Iterable[dict], how: str, fail: Callable[[str, str], None],
 
 def seal_group(group: Group, outbox: Path, *, identity: Identity | None, recipients: list[PeerKey],
                sender: str, recipient_names: list[str], passphrase: bytes | None,
-               advance: Callable[[int], None]) -> dict:
-    """Write one envelope into ``outbox`` atomically; return its ``envelope`` record."""
+               advance: Callable[[int], None], ledger=None) -> dict:
+    """Write one envelope into ``outbox`` atomically; return its ``envelope`` record.
+
+    With a ``ledger``, the envelope and the instances it carries are recorded for each
+    recipient once the file is durable and before it appears in the outbox."""
     eid = envelope.new_envelope_id()
     target = outbox / f"{eid}{envelope.SUFFIX}"
-    with AtomicFile(target, 0o600) as out:
-        sealed = envelope.seal(
+    result: list = []
+
+    def remember() -> None:
+        if ledger is None:
+            return
+        sealed = result[0]
+        ledger.note_sealed(eid, recipient_names, str(target), sealed.bytes, sealed.sha256, len(group.entries), [
+            (e.StudyInstanceUID, e.SeriesInstanceUID, e.SOPInstanceUID, str(e.source), e.size,
+             e.mtime_ns, digest) for e, digest in zip(sealed.entries, sealed.digests)])
+
+    with AtomicFile(target, 0o600, before_rename=remember) as out:
+        result.append(envelope.seal(
             out, eid, group.entries,
             identity=identity if passphrase is None else None,
             recipients=recipients if passphrase is None else None,
             sender=sender, recipient_names=recipient_names, passphrase=passphrase, advance=advance,
-        )
+        ))
+    sealed = result[0]
     studies = sorted({e.StudyInstanceUID for e in group.entries})
     return {
         "kind": "envelope",

@@ -1,0 +1,1 @@
+"""The exchange state of a site: what it sealed, deposited, received, opened and owes, per peer."""
