@@ -121,7 +121,7 @@ def test_owner_only_whatever_the_umask(tmp_path, umask):
     for home, pattern in [(h["b"], "archive/*/*/*.dcm"), (h["node"], "archive/*/*/*.dcm"),
                           (h["a"], "index.db"), (h["node"], "index.db-wal"), (h["node"], "index.db-shm"),
                           (h["a"], "outbox/*.dtenv"), (h["a"], "outbox/ledger.db"), (h["b"], "inbox/*.dtenv"),
-                          (h["a"], "relay/dtools/site-b/new/*"), (h["b"], "spool/opened/*")]:
+                          (h["a"], "relay/dtools/site-b/new/*"), (h["b"], "outbox/ledger.db")]:
         assert written(seen, home, pattern), f"nothing matched {pattern} under {home}"
     loose = {str(p): oct(stat.S_IMODE(st.st_mode)) for p, st in seen.items()
              if p.name not in PUBLIC and not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o077}
