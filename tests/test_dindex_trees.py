@@ -90,6 +90,8 @@ def test_name_not_utf8_travels_through_dseal_to_another_site(tmp_path, corpus):
     assert [("path_b64" in x) for x in found.records] == [True]
     sealed = run("dseal", "--home", a, "--to", "site-b", input=found.stdout)
     assert sealed.returncode == 0, sealed.stderr
+    again = run("dseal", "--home", a, "--to", "site-b", input=found.stdout)  # remembered under its exact name
+    assert again.returncode == 0 and again.records == [] and "1 instance(s) already sealed" in again.stderr
     opened = run("dseal", "--home", b, "--open", input=sealed.stdout)
     assert opened.returncode == 0, opened.stderr
     [rec] = opened.records

@@ -101,12 +101,12 @@ class Ledger:
                     " mtime_ns=excluded.mtime_ns, sha256=excluded.sha256, envelope_id=excluded.envelope_id,"
                     " sealed_at=excluded.sealed_at",
                     [(peer, sop, study, series, p, sz, mt, digest, envelope_id, now)
-                     for study, series, sop, p, sz, mt, digest in entries])
+                     for study, series, sop, p, sz, mt, digest in ((*e[:3], db_path(e[3]), *e[4:]) for e in entries)])
 
     def touch_sealed_instance(self, peer: str, sop: str, path: str, size: int, mtime_ns: int) -> None:
         """The same content found at another path or mtime: remember where, to skip hashing next time."""
         self.db.execute("UPDATE sealed_instances SET path=?, size=?, mtime_ns=? WHERE peer=? AND sop=?",
-                        (path, size, mtime_ns, peer, sop))
+                        (db_path(path), size, mtime_ns, peer, sop))
 
     def sealed(self, envelope_id: str, peer: str) -> sqlite3.Row | None:
         return self.db.execute("SELECT * FROM sealed WHERE envelope_id=? AND peer=?", (envelope_id, peer)).fetchone()
@@ -284,6 +284,18 @@ class Ledger:
                        " instances=excluded.instances, sent_at=excluded.sent_at",
                        (envelope_id, peer, instances, time.time()))
             db.execute("UPDATE opened SET receipt_owed=0 WHERE envelope_id=?", (envelope_id,))
+
+
+def db_path(path: str) -> str | bytes:
+    """A file path as the ledger keeps it: text, or its raw bytes when the name is not UTF-8
+    (SQLite text must be valid UTF-8; compare against db_path() of a path, never the path)."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        import os
+
+        return os.fsencode(path)
 
 
 def ledger_path(home: Path) -> Path:

@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..dicom.archive import recover_temporary
-from ..exchange.ledger import Ledger
+from ..exchange.ledger import Ledger, db_path
 from .envelope import Entry
 from .sealing import Group
 
@@ -44,7 +44,7 @@ class SealMemory:
         path = str(Path(path).expanduser().absolute())
         for peer in self.peers:
             row = self.ledger.sealed_instance(peer, sop)
-            if row is None or (row["path"], row["size"], row["mtime_ns"]) != (path, st.st_size, st.st_mtime_ns):
+            if row is None or (row["path"], row["size"], row["mtime_ns"]) != (db_path(path), st.st_size, st.st_mtime_ns):
                 return False
         self.skipped += 1
         return True
@@ -63,7 +63,7 @@ class SealMemory:
             if row is None:
                 out.append(peer)
                 continue
-            if (row["path"], row["size"], row["mtime_ns"]) == (str(entry.source), entry.size, entry.mtime_ns):
+            if (row["path"], row["size"], row["mtime_ns"]) == (db_path(str(entry.source)), entry.size, entry.mtime_ns):
                 continue
             if digest is None:
                 digest = _sha256(entry.source)
