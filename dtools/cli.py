@@ -82,6 +82,8 @@ class App:
     def config(self) -> Config:
         if self._config is None:
             config = Config(self._home, self._config_file)
+            for warning in config.warnings:
+                self.err(f"warning: {warning}")
             security.set_group(config.get("site.group"), f"[site] group in {config.path}")
             security.secure_home(config.home, config.index_path, self.log)
             self._config = config

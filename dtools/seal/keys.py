@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import (
 )
 
 from ..config import Config
+from ..settings import NAME_RE
 from ..errors import ConfigError, InputError
 
 IDENTITY_TAG = "dtools1"
@@ -33,7 +34,7 @@ ENC_KEY_FILE = "x25519.key"
 SIGN_KEY_FILE = "ed25519.key"
 PUBLIC_FILE = "identity.pub"
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME = NAME_RE  # the same rule as [site] name and [peers.NAME] in the schema
 
 
 def check_name(name: object, what: str = "site name") -> str:
