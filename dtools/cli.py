@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import os
 import signal
 import sys
-import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import click
 
-from . import __version__, records, security
+from . import __version__, security
 from .config import Config
 from .errors import (
     EX_FAILED,
@@ -75,8 +73,22 @@ class App:
         self.debug = debug
         self.failures = 0
         self._config: Config | None = None
-        self.log = logging.getLogger("dtools")
-        _setup_logging(prog, quiet, verbose, debug)
+        self._log: Any = None
+        # logging (with traceback and textwrap) costs start-up time a cron job pays every
+        # minute: it is set up when first used, or now if a module has imported it already
+        # (so module-level loggers of the "dtools" tree find its handler).
+        if "logging" in sys.modules:
+            self.log
+
+    @property
+    def log(self) -> Any:
+        """The "dtools" logger, writing ``prog: message`` lines to stderr."""
+        if self._log is None:
+            import logging
+
+            _setup_logging(self.prog, self.quiet, self.verbose, self.debug)
+            self._log = logging.getLogger("dtools")
+        return self._log
 
     @property
     def config(self) -> Config:
@@ -96,6 +108,8 @@ class App:
     # -- output -----------------------------------------------------------------
     def emit(self, record: dict) -> None:
         """Write one record on stdout (flushed)."""
+        from . import records
+
         records.write(record)
 
     def fail(self, what: Any, reason: str) -> None:
@@ -119,6 +133,8 @@ class App:
             return iter(())
         if sys.stdin.isatty():
             self.err("reading records or paths from standard input (end with Ctrl-D)")
+        from . import records
+
         return records.read(sys.stdin.buffer, null=null, on_error=lambda line, why: self.fail(f"line {line!r}", why))
 
     # -- progress ---------------------------------------------------------------
@@ -157,13 +173,14 @@ class App:
             yield advance
 
 
-class _OneLineFormatter(logging.Formatter):
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        record.message = one_line(record.message)
-        return super().formatMessage(record)
-
-
 def _setup_logging(prog: str, quiet: bool, verbose: int, debug: bool) -> None:
+    import logging
+
+    class _OneLineFormatter(logging.Formatter):
+        def formatMessage(self, record: logging.LogRecord) -> str:
+            record.message = one_line(record.message)
+            return super().formatMessage(record)
+
     logger = logging.getLogger("dtools")
     for h in list(logger.handlers):
         logger.removeHandler(h)
@@ -284,6 +301,8 @@ def entry(cmd: click.Command) -> Callable[[Iterable[str] | None], int]:
         except DtoolsError as exc:
             sys.stderr.write(f"{prog}: {one_line(str(exc))}\n")
             if debug:
+                import traceback
+
                 traceback.print_exc()
             return exc.exit_code
         except (_PipeClosed, BrokenPipeError):
@@ -297,6 +316,8 @@ def entry(cmd: click.Command) -> Callable[[Iterable[str] | None], int]:
             return EX_TERMINATED
         except Exception as exc:  # a bug: one line unless --debug
             if debug:
+                import traceback
+
                 traceback.print_exc()
             sys.stderr.write(
                 f"{prog}: internal error: {type(exc).__name__}: {one_line(str(exc))} "

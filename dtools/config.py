@@ -9,7 +9,6 @@ default are in dtools.settings.SCHEMA; the file is checked against it when it is
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,8 @@ class Config:
         self.path = Path(config_file).expanduser()
         self.data: dict[str, Any] = {}
         if self.path.exists():
+            import tomllib  # not needed (3 ms) when there is no file
+
             try:
                 with open(self.path, "rb") as f:
                     self.data = tomllib.load(f)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from typing import Any
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_AGE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([smhdw]?)\s*$")
+# Patterns are compiled on first use (re caches them): compiling costs start-up time.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_AGE = r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([smhdw]?)\s*$"
 _AGE_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMG]?)I?B?\s*$", re.IGNORECASE)
+_SIZE = r"(?i)^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMG]?)I?B?\s*$"
 _SIZE_UNIT = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -25,6 +25,11 @@ _FALSE = ("0", "false", "no", "off")
 # -- value types -------------------------------------------------------------------
 # Each type turns a TOML value, or the string of an environment variable, into the
 # value the code uses, or raises ValueError; ``expected`` completes "expected ...".
+def valid_name(value: object) -> bool:
+    """A site or peer name: letters, digits, '.', '_', '-'; at most 64 characters."""
+    return isinstance(value, str) and re.match(NAME_PATTERN, value) is not None
+
+
 class Kind:
     expected = "a value"
 
@@ -45,7 +50,7 @@ class Name(Kind):
     expected = "a name of letters, digits, '.', '_' or '-' (at most 64)"
 
     def parse(self, value: Any) -> Any:
-        if not isinstance(value, str) or not NAME_RE.match(value):
+        if not valid_name(value):
             raise ValueError
         return value
 
@@ -145,7 +150,7 @@ class Size(Kind):
             return value
         if not isinstance(value, str):
             raise ValueError
-        m = _SIZE.match(value)
+        m = re.match(_SIZE, value)
         if not m:
             raise ValueError
         return int(float(m.group(1)) * _SIZE_UNIT[m.group(2).upper()])
@@ -191,19 +196,26 @@ class UnknownKey(ValueError):
 
 def parse_duration(text: Any) -> float:
     """``90``, ``90s``, ``15m``, ``2h``, ``1d``, ``1w`` as seconds; ValueError otherwise."""
-    m = _AGE.match(str(text))
+    m = re.match(_AGE, str(text))
     if not m:
         raise ValueError(f"{text!r} is not a duration")
     return float(m.group(1)) * _AGE_UNIT[m.group(2)]
 
 
-@dataclass(frozen=True)
 class Setting:
-    kind: Kind
-    default: Any = None
-    doc: str = ""
-    env: bool = True  # may be set by DTOOLS_<SECTION>_<KEY>
-    secret: bool = False  # only from the environment; the file names a *_file instead
+    """One key: its type, its default (written as a user would), and where it may come from.
+
+    (A plain class: a dataclass would cost a millisecond of start-up per command.)
+    """
+
+    __slots__ = ("kind", "default", "doc", "env", "secret")
+
+    def __init__(self, kind: Kind, default: Any = None, doc: str = "", env: bool = True, secret: bool = False):
+        self.kind = kind
+        self.default = default
+        self.doc = doc
+        self.env = env  # may be set by DTOOLS_<SECTION>_<KEY>
+        self.secret = secret  # only from the environment; the file names a *_file instead
 
 
 # -- the table ------------------------------------------------------------------------
@@ -309,7 +321,7 @@ def _walk(data: dict, tree: dict, prefix: list[str], path: str) -> None:
         spec = tree.get(name, tree.get("*"))
         if spec is None:
             raise ValueError(_unknown(here, value, tree, path))
-        if here[0] == "peers" and len(here) == 2 and not NAME_RE.match(name):
+        if here[0] == "peers" and len(here) == 2 and not valid_name(name):
             raise ValueError(f"{path}: [peers.{name}]: a peer name is letters, digits, '.', '_' or '-' (at most 64)")
         if isinstance(spec, str):  # a setting
             s = SCHEMA[spec]

@@ -224,3 +224,16 @@ def test_new_index_opened_by_several_processes_at_once(tmp_path):
 
 def _open_and_close(path):
     open_index(path).close()
+
+
+def test_dictionary_table_matches_pydicom():
+    """The small table that spares queries pydicom's import says what pydicom's dictionary says."""
+    from pydicom.datadict import dictionary_VM, dictionary_VR, tag_for_keyword
+
+    from dtools.index.dictionary import ENTRIES
+    from dtools.index.query import KEY_LEVEL
+
+    indexed = {k for k in KEY_LEVEL if k not in ("path", "size", "mtime")}
+    assert set(ENTRIES) == indexed
+    for kw, (tag, vr, vm) in ENTRIES.items():
+        assert (tag, vr, vm) == (tag_for_keyword(kw), dictionary_VR(kw), dictionary_VM(kw)), kw
