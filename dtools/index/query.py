@@ -123,10 +123,22 @@ class Query:
 def _check_range_part(vr: str, part: str, key: str) -> None:
     pattern = {"DA": _DATE, "TM": _TIME, "DT": _DATETIME}[vr]
     if part and (not re.match(pattern, part) or not _plausible(vr, part)):
-        example = {"DA": "20260101-20260131", "TM": "080000-120000", "DT": "20260101080000-20260101120000"}[vr]
+        if vr == "DA":
+            raise UsageError(f"{key}={part!r}: dates are YYYYMMDD, e.g. {key}=20260101 or a range "
+                             f"{key}=20260101-20260131")
+        example = {"TM": "080000-120000", "DT": "20260101080000-20260101120000"}[vr]
         raise UsageError(
             f"{key}={part!r}: not a valid {vr} value; use a single value or a range like {key}={example}"
         )
+
+
+def _check_date_value(key: str, value: str) -> None:
+    """A date written the ISO way (2026-01-01, with its own '-') is refused before it is
+    read as a range; the message says how DICOM writes dates."""
+    m = re.search(r"(\d{4})-(\d{2})-(\d{2})", value)
+    if m:
+        raise UsageError(f"{key}={value!r}: dates are YYYYMMDD without '-' (e.g. {key}={''.join(m.groups())}); "
+                         f"a range is {key}=20260101-20260131")
 
 
 def _plausible(vr: str, value: str) -> bool:
@@ -180,6 +192,8 @@ def condition(key: str, value: str) -> Condition | None:
         marks = ", ".join("?" for _ in uids)
         return Condition(level, f"{{a}}.{key} IN ({marks})", uids)
     if vr in ("DA", "TM", "DT"):
+        if vr == "DA":
+            _check_date_value(key, value)
         if "-" in value and not (vr == "DT" and re.search(r"\d[+-]\d{4}$", value) and value.count("-") == 1 and not value.startswith("-")):
             lo, _, hi = value.partition("-")
             if "-" in hi:
@@ -188,6 +202,9 @@ def condition(key: str, value: str) -> Condition | None:
             _check_range_part(vr, hi, key)
             if not lo and not hi:
                 return None
+            if vr == "DA" and lo and hi and lo > hi:
+                raise UsageError(f"{key}={value!r}: the range ends before it starts; dates are YYYYMMDD and a "
+                                 f"range goes from the earlier to the later: {key}={hi}-{lo}")
             parts, params = [], []
             if lo:
                 parts.append(f"{{a}}.{key} >= ?")
