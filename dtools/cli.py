@@ -28,6 +28,7 @@ from .errors import (
     EX_TERMINATED,
     EX_USAGE,
     DtoolsError,
+    UsageError,
 )
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -222,6 +223,48 @@ def null_option(f: Callable) -> Callable:
                         help="Paths on stdin are separated by NUL (find -print0).")(f)
 
 
+def _check_utf8(ctx: click.Context) -> None:
+    """Refuse an option value or argument that is not valid UTF-8 (Python hands such argv
+    bytes over as lone surrogates, which fail far away as an internal error). File PATH
+    arguments (declared with click.Path) may be any bytes, as file names may."""
+    for param in ctx.command.params:
+        if isinstance(param, click.Argument) and isinstance(param.type, click.Path):
+            continue
+        value = ctx.params.get(param.name) if param.name else None
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if not isinstance(v, str):
+                continue
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                if isinstance(param, click.Argument):
+                    what = f"argument {os.fsencode(v)[:60]!r}"
+                else:
+                    what = f"the value of {max(param.opts, key=len)} ({os.fsencode(v)[:60]!r})"
+                raise UsageError(f"{what} is not valid UTF-8; give it in UTF-8 (only file PATH arguments "
+                                 "may be other bytes)") from None
+
+
+class _Utf8Checked:
+    """Mixin: check the parsed parameters (see _check_utf8) before the callback runs."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        _check_utf8(ctx)
+        return super().invoke(ctx)  # type: ignore[misc]
+
+
+class Command(_Utf8Checked, click.Command):
+    pass
+
+
+class Group(_Utf8Checked, click.Group):
+    command_class = Command
+    group_class = None  # set below: subgroups are plain checked groups
+
+
+Group.group_class = Group
+
+
 def command(prog: str, **kwargs: Any) -> Callable[[Callable], click.Command]:
     """Decorator: a click command named ``prog`` whose callback receives an App first.
 
@@ -243,7 +286,10 @@ def command(prog: str, **kwargs: Any) -> Callable[[Callable], click.Command]:
         cmd_f = common_options(callback)
         cmd_f = click.version_option(__version__, "--version", prog_name=prog,
                                      message="%(prog)s (dtools) %(version)s")(cmd_f)
-        return click.command(prog, context_settings=CONTEXT_SETTINGS, **kwargs)(cmd_f)
+        cls = kwargs.pop("cls", Command)
+        if not issubclass(cls, _Utf8Checked):
+            cls = type(cls.__name__, (_Utf8Checked, cls), {})
+        return click.command(prog, cls=cls, context_settings=CONTEXT_SETTINGS, **kwargs)(cmd_f)
 
     return deco
 
@@ -265,7 +311,10 @@ def group(prog: str, **kwargs: Any) -> Callable[[Callable], click.Group]:
         cmd_f = common_options(callback)
         cmd_f = click.version_option(__version__, "--version", prog_name=prog,
                                      message="%(prog)s (dtools) %(version)s")(cmd_f)
-        return click.group(prog, context_settings=CONTEXT_SETTINGS, **kwargs)(cmd_f)
+        cls = kwargs.pop("cls", Group)
+        if not issubclass(cls, _Utf8Checked):
+            cls = type(cls.__name__, (_Utf8Checked, cls), {"command_class": Command, "group_class": Group})
+        return click.group(prog, cls=cls, context_settings=CONTEXT_SETTINGS, **kwargs)(cmd_f)
 
     return deco
 
