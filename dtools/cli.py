@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import click
 
-from . import __version__, security
+from . import security
+from ._version import __version__
 from .config import Config
 from .errors import (
     EX_FAILED,

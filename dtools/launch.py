@@ -14,7 +14,7 @@ import sys
 def _launcher(module: str, prog: str) -> "Callable[[], int]":  # noqa: F821
     def main() -> int:
         if sys.argv[1:] == ["--version"]:
-            from . import __version__
+            from ._version import __version__
 
             sys.stdout.write(f"{prog} (dtools) {__version__}\n")
             return 0
