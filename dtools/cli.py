@@ -120,8 +120,7 @@ class App:
         self.err(f"{what}: {reason}")
 
     def err(self, message: str) -> None:
-        sys.stderr.write(f"{self.prog}: {one_line(message)}\n")
-        sys.stderr.flush()
+        _write_line(f"{self.prog}: {one_line(message)}\n")
 
     def info(self, message: str) -> None:
         """A summary line: shown unless --quiet."""
@@ -144,35 +143,44 @@ class App:
     def interactive(self) -> bool:
         return not self.quiet and sys.stderr.isatty()
 
-    @contextlib.contextmanager
-    def progress(self, description: str, total: float | None = None, unit: str = "files") -> Iterator[Callable[..., None]]:
-        """Yield ``advance(n=1, total=None)``; draws a rich bar on stderr only on a terminal."""
+    def progress(self, description: str, total: float | None = None, unit: str = "files") -> Any:
+        """A context yielding ``advance(n=1, total=None)``; draws a rich bar on stderr only on a
+        terminal, and in a pipeline of dtools commands only one stage at a time (dtools.terminal)."""
         if not self.interactive:
-            yield lambda n=1, total=None: None
-            return
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            SpinnerColumn,
-            TextColumn,
-            TimeElapsedColumn,
-            TransferSpeedColumn,
-        )
+            return contextlib.nullcontext(lambda n=1, total=None: None)
+        from . import terminal
 
-        columns: list[Any] = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn()]
-        columns.append(TransferSpeedColumn() if unit == "bytes" else MofNCompleteColumn())
-        columns.append(TimeElapsedColumn())
-        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-            task = bar.add_task(description, total=total)
+        return terminal.progress(description, total, unit)
 
-            def advance(n: float = 1, total: float | None = None) -> None:
-                if total is not None:
-                    bar.update(task, total=total)
-                bar.advance(task, n)
 
-            yield advance
+def _write_line(text: str) -> None:
+    if sys.stderr is not None and sys.stderr.isatty():
+        from .terminal import write_line  # clears a bar another stage drew on this terminal
+
+        write_line(text)
+    elif sys.stderr is not None:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+
+def _line_handler_class() -> type:
+    import logging
+
+    class LineHandler(logging.Handler):
+        """Log lines to whatever sys.stderr is at the time (rich redirects it while a bar
+        is live), through _write_line."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            try:
+                _write_line(self.format(record) + "\n")
+            except Exception:  # noqa: BLE001 - logging must not raise
+                self.handleError(record)
+
+    return LineHandler
+
+
+def _LineHandler() -> Any:  # noqa: N802 - built on first use, so importing cli needs no logging
+    return _line_handler_class()()
 
 
 def _setup_logging(prog: str, quiet: bool, verbose: int, debug: bool) -> None:
@@ -186,7 +194,7 @@ def _setup_logging(prog: str, quiet: bool, verbose: int, debug: bool) -> None:
     logger = logging.getLogger("dtools")
     for h in list(logger.handlers):
         logger.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _LineHandler()
     handler.setFormatter(_OneLineFormatter(f"{prog}: %(message)s"))
     logger.addHandler(handler)
     logger.propagate = False
