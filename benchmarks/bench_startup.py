@@ -6,7 +6,9 @@ Times, as whole processes from start to exit, every installed command's ``--vers
 and ``dsearch --count`` on an empty index of a home with a typical config.toml, and
 in the same run, interleaved with them, the baseline: the same interpreter running
 ``-c pass`` (so both pay the same site-packages set-up). Prints min and median wall
-milliseconds, the median ratio to the baseline, and whether the 60 ms target holds.
+milliseconds, the median ratio to the baseline, median CPU milliseconds (user + system,
+steadier than wall time on a busy machine) and its ratio, and whether the 60 ms target
+holds.
 
 pip compiles a package's bytecode when it installs it; an editable install compiles it
 on first run, unless PYTHONDONTWRITEBYTECODE is set. The script compiles dtools first
@@ -47,13 +49,18 @@ port = 11112
 """
 
 
-def wall_ms(argv: list[str], env: dict) -> float:
+def timed(argv: list[str], env: dict) -> tuple[float, float]:
+    """Wall and CPU (user + system) milliseconds of one run of ``argv``."""
     t0 = time.perf_counter()
-    p = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
     elapsed = (time.perf_counter() - t0) * 1000
-    if p.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} exited {p.returncode}: {p.stderr.decode(errors='replace').strip()}")
-    return elapsed
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.read().decode(errors='replace')}")
+    proc.stderr.close()
+    return elapsed, (usage.ru_utime + usage.ru_stime) * 1000
 
 
 def main() -> int:
@@ -77,23 +84,28 @@ def main() -> int:
     cases["dsearch --count (empty index)"] = [str(BIN / "dsearch"), "--count"]
 
     times: dict[str, list[float]] = {k: [] for k in cases}
+    cpu: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(2):
         for argv in cases.values():
-            wall_ms(argv, env)
+            timed(argv, env)
     for _ in range(args.runs):  # interleaved, so drifting load hits every case alike
         for name, argv in cases.items():
-            times[name].append(wall_ms(argv, env))
+            w, c = timed(argv, env)
+            times[name].append(w)
+            cpu[name].append(c)
 
     load = os.getloadavg()[0]
     base = statistics.median(times["python3 -c pass"])
     print(f"# {machine()}; load average {load:.2f}; {args.runs} runs each")
-    print(f"{'command':<32} {'min ms':>8} {'median ms':>10} {'x pass':>7}  target <= {TARGET_MS:.0f} ms")
+    cbase = statistics.median(cpu["python3 -c pass"])
+    print(f"{'command':<32} {'min ms':>8} {'median ms':>10} {'x pass':>7} {'cpu ms':>7} {'x pass':>7}"
+          f"  target: median <= {TARGET_MS:.0f} ms")
     failed = 0
     for name, ts in times.items():
-        med = statistics.median(ts)
+        med, cmed = statistics.median(ts), statistics.median(cpu[name])
         verdict = "" if name.startswith("python3") else ("ok" if med <= TARGET_MS else "SLOW")
         failed += verdict == "SLOW"
-        print(f"{name:<32} {min(ts):8.1f} {med:10.1f} {med / base:7.2f}  {verdict}")
+        print(f"{name:<32} {min(ts):8.1f} {med:10.1f} {med / base:7.2f} {cmed:7.1f} {cmed / cbase:7.2f}  {verdict}")
     return 1 if failed else 0
 
 
