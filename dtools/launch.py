@@ -9,9 +9,13 @@ pydicom or anything else is imported; everything else goes to the command module
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # typing itself is not imported at run time: start-up time counts
+    from typing import Callable
 
 
-def _launcher(module: str, prog: str) -> "Callable[[], int]":  # noqa: F821
+def _launcher(module: str, prog: str) -> "Callable[[], int]":
     def main() -> int:
         if sys.argv[1:] == ["--version"]:
             from ._version import __version__
@@ -26,7 +30,7 @@ def _launcher(module: str, prog: str) -> "Callable[[], int]":  # noqa: F821
     return main
 
 
-def __getattr__(name: str) -> "Callable[[], int]":  # noqa: F821 - typing is not imported, for speed
+def __getattr__(name: str) -> "Callable[[], int]":
     if name.startswith("_"):
         raise AttributeError(name)
     return _launcher(f"dtools.commands.{name}", name.replace("_", "-"))
