@@ -9,9 +9,9 @@ pydicom or anything else is imported; everything else goes to the command module
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # typing itself is not imported at run time: start-up time counts
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs start-up time
+if TYPE_CHECKING:
     from typing import Callable
 
 
