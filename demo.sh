@@ -13,22 +13,16 @@ mkdir -p "$A" "$B"
 
 step() { printf '\n== %s ==\n' "$*"; }
 
-step "site identities (dseal keygen)"
-[ -n "$(ls -A "$A/keys" 2>/dev/null)" ] || dseal --home "$A" keygen site-a > "$DEMO/site-a.pub"
-[ -n "$(ls -A "$B/keys" 2>/dev/null)" ] || dseal --home "$B" keygen site-b > "$DEMO/site-b.pub"
+step "site identities (dseal keygen) and peers (dseal peers add)"
 for site in a b; do
-    other=$([ $site = a ] && echo b || echo a)
-    cat > "$DEMO/site-$site/config.toml" <<TOML
-[site]
-name = "site-$site"
-
-[relay]
-url = "maildir:$DEMO/relay"
-
-[peers.site-$other]
-identity = "$(cat "$DEMO/site-$other.pub")"
-TOML
+    home="$DEMO/site-$site"
+    [ -e "$home/keys/identity.pub" ] || dseal --home "$home" -q keygen "site-$site" > /dev/null
+    # the relay is the one setting the commands do not write
+    [ -e "$home/config.toml" ] && grep -q '^\[relay\]' "$home/config.toml" ||
+        printf '\n[relay]\nurl = "maildir:%s"\n' "$DEMO/relay" >> "$home/config.toml"
 done
+dseal --home "$A" peers add site-b "$(cat "$B/keys/identity.pub")"
+dseal --home "$B" peers add site-a "$(cat "$A/keys/identity.pub")"
 dseal --home "$A" peers
 
 step "site A: index sample studies (CT and MR, names in several character sets)"

@@ -1,3 +1,5 @@
 """dtools: index, search and exchange DICOM studies between sites through an IMAP relay."""
 
-__version__ = "0.1.0"
+from ._version import __version__
+
+__all__ = ["__version__"]

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import os
 import signal
 import sys
-import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import click
 
-from . import __version__, records, security
+from . import security
+from ._version import __version__
 from .config import Config
 from .errors import (
     EX_FAILED,
@@ -30,6 +29,7 @@ from .errors import (
     EX_TERMINATED,
     EX_USAGE,
     DtoolsError,
+    UsageError,
 )
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -75,13 +75,29 @@ class App:
         self.debug = debug
         self.failures = 0
         self._config: Config | None = None
-        self.log = logging.getLogger("dtools")
-        _setup_logging(prog, quiet, verbose, debug)
+        self._log: Any = None
+        # logging (with traceback and textwrap) costs start-up time a cron job pays every
+        # minute: it is set up when first used, or now if a module has imported it already
+        # (so module-level loggers of the "dtools" tree find its handler).
+        if "logging" in sys.modules:
+            self.log
+
+    @property
+    def log(self) -> Any:
+        """The "dtools" logger, writing ``prog: message`` lines to stderr."""
+        if self._log is None:
+            import logging
+
+            _setup_logging(self.prog, self.quiet, self.verbose, self.debug)
+            self._log = logging.getLogger("dtools")
+        return self._log
 
     @property
     def config(self) -> Config:
         if self._config is None:
             config = Config(self._home, self._config_file)
+            for warning in config.warnings:
+                self.err(f"warning: {warning}")
             security.set_group(config.get("site.group"), f"[site] group in {config.path}")
             security.secure_home(config.home, config.index_path, self.log)
             self._config = config
@@ -94,6 +110,8 @@ class App:
     # -- output -----------------------------------------------------------------
     def emit(self, record: dict) -> None:
         """Write one record on stdout (flushed)."""
+        from . import records
+
         records.write(record)
 
     def fail(self, what: Any, reason: str) -> None:
@@ -102,8 +120,7 @@ class App:
         self.err(f"{what}: {reason}")
 
     def err(self, message: str) -> None:
-        sys.stderr.write(f"{self.prog}: {one_line(message)}\n")
-        sys.stderr.flush()
+        _write_line(f"{self.prog}: {one_line(message)}\n")
 
     def info(self, message: str) -> None:
         """A summary line: shown unless --quiet."""
@@ -117,6 +134,8 @@ class App:
             return iter(())
         if sys.stdin.isatty():
             self.err("reading records or paths from standard input (end with Ctrl-D)")
+        from . import records
+
         return records.read(sys.stdin.buffer, null=null, on_error=lambda line, why: self.fail(f"line {line!r}", why))
 
     # -- progress ---------------------------------------------------------------
@@ -124,48 +143,58 @@ class App:
     def interactive(self) -> bool:
         return not self.quiet and sys.stderr.isatty()
 
-    @contextlib.contextmanager
-    def progress(self, description: str, total: float | None = None, unit: str = "files") -> Iterator[Callable[..., None]]:
-        """Yield ``advance(n=1, total=None)``; draws a rich bar on stderr only on a terminal."""
+    def progress(self, description: str, total: float | None = None, unit: str = "files") -> Any:
+        """A context yielding ``advance(n=1, total=None)``; draws a rich bar on stderr only on a
+        terminal, and in a pipeline of dtools commands only one stage at a time (dtools.terminal)."""
         if not self.interactive:
-            yield lambda n=1, total=None: None
-            return
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            SpinnerColumn,
-            TextColumn,
-            TimeElapsedColumn,
-            TransferSpeedColumn,
-        )
+            return contextlib.nullcontext(lambda n=1, total=None: None)
+        from . import terminal
 
-        columns: list[Any] = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn()]
-        columns.append(TransferSpeedColumn() if unit == "bytes" else MofNCompleteColumn())
-        columns.append(TimeElapsedColumn())
-        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-            task = bar.add_task(description, total=total)
-
-            def advance(n: float = 1, total: float | None = None) -> None:
-                if total is not None:
-                    bar.update(task, total=total)
-                bar.advance(task, n)
-
-            yield advance
+        return terminal.progress(description, total, unit)
 
 
-class _OneLineFormatter(logging.Formatter):
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        record.message = one_line(record.message)
-        return super().formatMessage(record)
+def _write_line(text: str) -> None:
+    if sys.stderr is not None and sys.stderr.isatty():
+        from .terminal import write_line  # clears a bar another stage drew on this terminal
+
+        write_line(text)
+    elif sys.stderr is not None:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+
+def _line_handler_class() -> type:
+    import logging
+
+    class LineHandler(logging.Handler):
+        """Log lines to whatever sys.stderr is at the time (rich redirects it while a bar
+        is live), through _write_line."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            try:
+                _write_line(self.format(record) + "\n")
+            except Exception:  # noqa: BLE001 - logging must not raise
+                self.handleError(record)
+
+    return LineHandler
+
+
+def _LineHandler() -> Any:  # noqa: N802 - built on first use, so importing cli needs no logging
+    return _line_handler_class()()
 
 
 def _setup_logging(prog: str, quiet: bool, verbose: int, debug: bool) -> None:
+    import logging
+
+    class _OneLineFormatter(logging.Formatter):
+        def formatMessage(self, record: logging.LogRecord) -> str:
+            record.message = one_line(record.message)
+            return super().formatMessage(record)
+
     logger = logging.getLogger("dtools")
     for h in list(logger.handlers):
         logger.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _LineHandler()
     handler.setFormatter(_OneLineFormatter(f"{prog}: %(message)s"))
     logger.addHandler(handler)
     logger.propagate = False
@@ -203,6 +232,48 @@ def null_option(f: Callable) -> Callable:
                         help="Paths on stdin are separated by NUL (find -print0).")(f)
 
 
+def _check_utf8(ctx: click.Context) -> None:
+    """Refuse an option value or argument that is not valid UTF-8 (Python hands such argv
+    bytes over as lone surrogates, which fail far away as an internal error). File PATH
+    arguments (declared with click.Path) may be any bytes, as file names may."""
+    for param in ctx.command.params:
+        if isinstance(param, click.Argument) and isinstance(param.type, click.Path):
+            continue
+        value = ctx.params.get(param.name) if param.name else None
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if not isinstance(v, str):
+                continue
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                if isinstance(param, click.Argument):
+                    what = f"argument {os.fsencode(v)[:60]!r}"
+                else:
+                    what = f"the value of {max(param.opts, key=len)} ({os.fsencode(v)[:60]!r})"
+                raise UsageError(f"{what} is not valid UTF-8; give it in UTF-8 (only file PATH arguments "
+                                 "may be other bytes)") from None
+
+
+class _Utf8Checked:
+    """Mixin: check the parsed parameters (see _check_utf8) before the callback runs."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        _check_utf8(ctx)
+        return super().invoke(ctx)  # type: ignore[misc]
+
+
+class Command(_Utf8Checked, click.Command):
+    pass
+
+
+class Group(_Utf8Checked, click.Group):
+    command_class = Command
+    group_class = None  # set below: subgroups are plain checked groups
+
+
+Group.group_class = Group
+
+
 def command(prog: str, **kwargs: Any) -> Callable[[Callable], click.Command]:
     """Decorator: a click command named ``prog`` whose callback receives an App first.
 
@@ -224,7 +295,10 @@ def command(prog: str, **kwargs: Any) -> Callable[[Callable], click.Command]:
         cmd_f = common_options(callback)
         cmd_f = click.version_option(__version__, "--version", prog_name=prog,
                                      message="%(prog)s (dtools) %(version)s")(cmd_f)
-        return click.command(prog, context_settings=CONTEXT_SETTINGS, **kwargs)(cmd_f)
+        cls = kwargs.pop("cls", Command)
+        if not issubclass(cls, _Utf8Checked):
+            cls = type(cls.__name__, (_Utf8Checked, cls), {})
+        return click.command(prog, cls=cls, context_settings=CONTEXT_SETTINGS, **kwargs)(cmd_f)
 
     return deco
 
@@ -246,7 +320,10 @@ def group(prog: str, **kwargs: Any) -> Callable[[Callable], click.Group]:
         cmd_f = common_options(callback)
         cmd_f = click.version_option(__version__, "--version", prog_name=prog,
                                      message="%(prog)s (dtools) %(version)s")(cmd_f)
-        return click.group(prog, context_settings=CONTEXT_SETTINGS, **kwargs)(cmd_f)
+        cls = kwargs.pop("cls", Group)
+        if not issubclass(cls, _Utf8Checked):
+            cls = type(cls.__name__, (_Utf8Checked, cls), {"command_class": Command, "group_class": Group})
+        return click.group(prog, cls=cls, context_settings=CONTEXT_SETTINGS, **kwargs)(cmd_f)
 
     return deco
 
@@ -282,6 +359,8 @@ def entry(cmd: click.Command) -> Callable[[Iterable[str] | None], int]:
         except DtoolsError as exc:
             sys.stderr.write(f"{prog}: {one_line(str(exc))}\n")
             if debug:
+                import traceback
+
                 traceback.print_exc()
             return exc.exit_code
         except (_PipeClosed, BrokenPipeError):
@@ -295,6 +374,8 @@ def entry(cmd: click.Command) -> Callable[[Iterable[str] | None], int]:
             return EX_TERMINATED
         except Exception as exc:  # a bug: one line unless --debug
             if debug:
+                import traceback
+
                 traceback.print_exc()
             sys.stderr.write(
                 f"{prog}: internal error: {type(exc).__name__}: {one_line(str(exc))} "

@@ -2,16 +2,17 @@
 
 Precedence, highest first: command-line flags, ``DTOOLS_*`` environment variables,
 ``config.toml``, built-in defaults. ``Config.get("relay.url")`` reads the variable
-``DTOOLS_RELAY_URL`` and then ``[relay] url`` in the file.
+``DTOOLS_RELAY_URL`` and then ``[relay] url`` in the file. Every key, its type and its
+default are in dtools.settings.SCHEMA; the file is checked against it when it is read.
 """
 
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 from typing import Any
 
+from . import settings
 from .errors import ConfigError
 from .security import check_secret_file, makedirs
 
@@ -27,8 +28,7 @@ def default_home() -> Path:
     return Path(xdg) / "dtools"
 
 
-def env_name(key: str) -> str:
-    return "DTOOLS_" + key.upper().replace(".", "_").replace("-", "_")
+env_name = settings.env_name
 
 
 class Config:
@@ -42,15 +42,23 @@ class Config:
         self.path = Path(config_file).expanduser()
         self.data: dict[str, Any] = {}
         if self.path.exists():
+            import tomllib  # not needed (3 ms) when there is no file
+
             try:
                 with open(self.path, "rb") as f:
                     self.data = tomllib.load(f)
-            except tomllib.TOMLDecodeError as exc:
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
                 raise ConfigError(f"{self.path}: not valid TOML ({exc}); fix the file or point --config elsewhere") from None
             except OSError as exc:
                 raise ConfigError(f"{self.path}: cannot read config ({exc.strerror})") from None
         elif explicit:
             raise ConfigError(f"{self.path}: config file not found; check --config or DTOOLS_CONFIG")
+        try:
+            settings.check(self.data, str(self.path))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        # Not errors: the environment is inherited by everything a cron job starts.
+        self.warnings: list[str] = settings.unknown_env()
 
     # -- values -----------------------------------------------------------------
     def file_value(self, key: str, default: Any = None) -> Any:
@@ -61,25 +69,34 @@ class Config:
             node = node[part]
         return node
 
-    def get(self, key: str, default: Any = None, flag: Any = None, type: Any = None) -> Any:
-        """The setting ``key``: the flag if given, else the environment, else the file, else default."""
+    def get(self, key: str, default: Any = _MISSING, flag: Any = None, type: Any = None) -> Any:
+        """The setting ``key``: the flag if given, else the environment, else the file, else
+        ``default`` (the schema's default when not given), converted by its schema type."""
         if flag is not None:
             return flag
-        env = os.environ.get(env_name(key))
+        spec = settings.setting(key)
+        if spec is None:  # a bug: every key the code reads is in the schema
+            raise LookupError(f"setting {key!r} is not in dtools.settings.SCHEMA; add it there")
+        env = os.environ.get(env_name(key)) if spec.env else None
         if env is not None and env != "":
-            value: Any = env
+            source, value = env_name(key), env
         else:
             value = self.file_value(key, _MISSING)
             if value is _MISSING:
-                return default
+                if default is not _MISSING:
+                    return default
+                # schema defaults are written as a user would write them ("1d", "20M")
+                return None if spec.default is None else spec.kind.parse(spec.default)
+            source = str(self.path)
+        try:
+            value = settings.parse(key, value, source)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if type is not None and value is not None:
             try:
                 value = type(value)
             except (TypeError, ValueError):
-                raise ConfigError(
-                    f"setting {key} = {value!r} is not a valid {type.__name__}; "
-                    f"fix {env_name(key)} or [{key.rsplit('.', 1)[0]}] in {self.path}"
-                ) from None
+                raise ConfigError(f"{source}: {settings.where(key)} = {value!r} is not a valid {type.__name__}") from None
         return value
 
     def section(self, name: str) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
-from . import __version__
+from ._version import __version__
 
 UID_ROOT = "1.2.826.0.1.3680043.10.1234."  # dtools sample data
 

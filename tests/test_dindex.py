@@ -171,7 +171,7 @@ def test_usage_errors_exit_2_with_help(corpus, tmp_path):
     run("dindex", "-q", str(corpus), env=env_for(home))
     for args, needle in [
         (["Bogus=1"], "unknown keyword 'Bogus'"),
-        (["StudyDate=2026-01"], "not a valid DA value"),
+        (["StudyDate=2026-01"], "dates are YYYYMMDD"),
         (["--level", "frame"], "Invalid value for '-L' / '--level'"),
         (['"open'], "--quote"),
         (["--fields", "Nope"], "unknown field"),

@@ -146,9 +146,9 @@ def test_usage_and_config_errors(sites, tmp_path):
     r = dseal(sites["site-a"], "--to", "site-b", "--open", input="")
     assert r.returncode == 2
     r = dseal(sites["site-a"], "--to", "nobody", input="")
-    assert r.returncode == 2 and "[peers.nobody]" in r.stderr
+    assert r.returncode == 2 and "dseal peers add nobody" in r.stderr
     with open(sites["site-a"] / "config.toml", "a") as f:
-        f.write('\n[peers.mailonly]\naddress = "m@example.org"\n')
+        f.write('\n[peers.mailonly]\nrelay = "imaps://m@example.org/dtools"\n')
     r = dseal(sites["site-a"], "--to", "mailonly", input="")
     assert r.returncode == 2 and "has no identity" in r.stderr and "--passphrase-file" in r.stderr
     r = dseal(sites["site-a"], "--group", "patient", "--to", "site-b", input="")

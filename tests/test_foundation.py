@@ -38,15 +38,16 @@ def test_records_bad_json_reported():
 
 
 def test_config_precedence(tmp_path, monkeypatch):
-    (tmp_path / "config.toml").write_text('[relay]\nurl = "maildir:/from/file"\nmax = 5\n')
+    (tmp_path / "config.toml").write_text('[relay]\nurl = "maildir:/from/file"\ntimeout = 5\n')
     monkeypatch.delenv("DTOOLS_RELAY_URL", raising=False)
     cfg = Config(tmp_path)
     assert cfg.get("relay.url") == "maildir:/from/file"
-    assert cfg.get("relay.missing", "dflt") == "dflt"
+    assert cfg.get("relay.part_timeout", "dflt") == "dflt"
+    assert cfg.get("relay.part_timeout") == 86400.0  # the schema's default, "1d"
     monkeypatch.setenv("DTOOLS_RELAY_URL", "maildir:/from/env")
     assert cfg.get("relay.url") == "maildir:/from/env"
     assert cfg.get("relay.url", flag="maildir:/from/flag") == "maildir:/from/flag"
-    assert cfg.get("relay.max", type=int) == 5
+    assert cfg.get("relay.timeout") == 5.0 and cfg.get("relay.timeout", type=int) == 5
 
 
 def test_config_errors(tmp_path):

@@ -145,9 +145,13 @@ def test_fts_syntax_error_is_usage_error(db):
     [
         ({"NoSuchKeyword": "x"}, "unknown keyword"),
         ({"PatientComments": "x"}, "not a search key"),
-        ({"StudyDate": "2026-01-01-2026"}, "range has one '-'"),
-        ({"StudyDate": "20260101-2026"}, "not a valid DA value"),
-        ({"StudyDate": "January"}, "not a valid DA value"),
+        ({"StudyDate": "2026-01-01-2026"}, "dates are YYYYMMDD without '-'"),
+        ({"StudyDate": "2026-01-01"}, r"dates are YYYYMMDD without '-' \(e.g. StudyDate=20260101\)"),
+        ({"StudyDate": "20260131-20260101"}, "the range ends before it starts; dates are YYYYMMDD"),
+        ({"StudyDate": "20260101-2026"}, "dates are YYYYMMDD"),
+        ({"StudyDate": "January"}, "dates are YYYYMMDD"),
+        ({"StudyDate": "20261301"}, "dates are YYYYMMDD"),
+        ({"StudyTime": "1200-1300-1400"}, "range has one '-'"),
         ({"StudyTime": "25-"}, "not a valid TM"),
         ({"SeriesNumber": "two"}, "expected a number"),
     ],
@@ -224,3 +228,16 @@ def test_new_index_opened_by_several_processes_at_once(tmp_path):
 
 def _open_and_close(path):
     open_index(path).close()
+
+
+def test_dictionary_table_matches_pydicom():
+    """The small table that spares queries pydicom's import says what pydicom's dictionary says."""
+    from pydicom.datadict import dictionary_VM, dictionary_VR, tag_for_keyword
+
+    from dtools.index.dictionary import ENTRIES
+    from dtools.index.query import KEY_LEVEL
+
+    indexed = {k for k in KEY_LEVEL if k not in ("path", "size", "mtime")}
+    assert set(ENTRIES) == indexed
+    for kw, (tag, vr, vm) in ENTRIES.items():
+        assert (tag, vr, vm) == (tag_for_keyword(kw), dictionary_VR(kw), dictionary_VM(kw)), kw

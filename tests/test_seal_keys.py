@@ -68,5 +68,5 @@ def test_load_peers(home, tmp_path):
     with pytest.raises(ConfigError, match=r"\[peers.bee\]"):
         keys.load_peers(Config(home))
     # A peer without identity (passphrase only) is left out, not an error.
-    (home / "config.toml").write_text(f'[peers.bee]\nidentity = "{line}"\n\n[peers.wasp]\naddress = "x@example.org"\n')
+    (home / "config.toml").write_text(f'[peers.bee]\nidentity = "{line}"\n\n[peers.wasp]\nrelay = "imaps://wasp@example.org/dtools"\n')
     assert list(keys.load_peers(Config(home))) == ["bee"]

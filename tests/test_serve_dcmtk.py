@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import os
 import signal
 import subprocess
@@ -238,6 +240,21 @@ def test_findscu_patient_level_in_study_root_is_refused(loaded, tmp_path):
     res = run_tool(require_tool("findscu"), "-v", "-S", "-aec", "DTOOLS", "-k", "QueryRetrieveLevel=PATIENT",
                    "-k", "PatientID", "127.0.0.1", str(loaded["port"]))
     assert b"Final Find Response (Error: DataSetDoesNotMatchSOPClass)" in res.stderr + res.stdout
+
+
+@pytest.mark.parametrize("date", ["20240601-20240101", "2024-01-02"])
+def test_findscu_bad_date_gets_a_failure_status(loaded, tmp_path, date):
+    """The query engine refuses a reversed range or an ISO date; over C-FIND that is a
+    failure status (0xC210), and dserve goes on serving."""
+    res = run_tool(require_tool("findscu"), "-d", "-S", "-aec", "DTOOLS", "-k", "QueryRetrieveLevel=STUDY",
+                   "-k", f"StudyDate={date}", "-k", "StudyInstanceUID", "127.0.0.1", str(loaded["port"]))
+    out = (res.stderr + res.stdout).decode(errors="replace")
+    assert re.search(r"DIMSE Status\s*:\s*0xc210", out, re.I), out
+    assert "Find Response: 1 (Pending)" not in out
+    assert loaded["proc"].poll() is None
+    ok = findscu(loaded["port"], "-S", ["QueryRetrieveLevel=STUDY", "StudyDate=20240101-20240601",
+                                        "StudyInstanceUID"], tmp_path / "rsp")
+    assert len(ok) == 3  # the studies of 20240102, 20240315 and 20240601
 
 
 def test_movescu_to_storescp(loaded, tmp_path):

@@ -313,6 +313,8 @@ def dindex(app: cli.App, paths, null, prune, jobs):
     try:
         with app.progress("indexing", None) as advance:
             run.advance = advance
+            if paths and app.interactive:
+                _count_in_background([os.path.abspath(p) for p in paths], advance)
             if paths:
                 for top in paths:
                     for path, st in walker.walk(os.path.abspath(top)):
@@ -343,6 +345,42 @@ def dindex(app: cli.App, paths, null, prune, jobs):
     if prune:
         summary += f", pruned {pruned}"
     app.info(summary)
+
+
+def _count_in_background(tops: list[str], advance) -> None:
+    """Give the progress bar its total: count the files under ``tops`` in a thread, raising
+    the total as the count grows, while the indexer walks the same tree (the count reads
+    only directory entries, so it runs well ahead of parsing)."""
+    import threading
+
+    def count() -> None:
+        n, seen, stack, last = 0, set(), list(tops), time.monotonic()
+        while stack:
+            top = stack.pop()
+            try:
+                st = os.stat(top)
+                if not stat.S_ISDIR(st.st_mode):
+                    n += stat.S_ISREG(st.st_mode)
+                    continue
+                if (st.st_dev, st.st_ino) in seen:
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+                with os.scandir(top) as it:
+                    for e in it:
+                        if e.name.startswith(".") and e.name.endswith(".tmp"):
+                            continue  # skipped by the walk too
+                        if e.is_dir():
+                            stack.append(e.path)
+                        elif e.is_file():
+                            n += 1
+            except OSError:
+                continue  # the walk reports it
+            if time.monotonic() - last > 0.1:
+                advance(0, total=n)
+                last = time.monotonic()
+        advance(0, total=n)
+
+    threading.Thread(target=count, name="dindex-count", daemon=True).start()
 
 
 def _prune(ix: Indexer, tops: list[str]) -> int:

@@ -21,7 +21,7 @@ TABLE_FIELDS = {
                "NumberOfSeriesRelatedInstances"],
     "instance": ["PatientName", "StudyDate", "Modality", "SeriesNumber", "InstanceNumber", "path"],
 }
-_TERM = re.compile(r"^([A-Za-z][A-Za-z0-9]*|\(?[0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\)?)=(.*)$", re.S)
+_TERM = r"(?s)^([A-Za-z][A-Za-z0-9]*|\(?[0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\)?)=(.*)$"  # compiled on first use
 
 
 def split_terms(terms, keys) -> tuple[list[tuple[str, str]], list[str]]:
@@ -29,7 +29,7 @@ def split_terms(terms, keys) -> tuple[list[tuple[str, str]], list[str]]:
     pairs: list[tuple[str, str]] = []
     words: list[str] = []
     for term in list(keys) + list(terms):
-        m = _TERM.match(term)
+        m = re.match(_TERM, term)
         if m:
             pairs.append((m.group(1), m.group(2)))
         elif term in keys:

@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import re
 import sqlite3
-from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
-
-from pydicom.datadict import dictionary_VM, dictionary_VR, keyword_for_tag, tag_for_keyword
 
 from ..errors import UsageError
 from .db import from_db_path
+from .dictionary import ENTRIES, TAGS
 from .schema import ALIAS, COMPUTED, FILE_FIELDS, LEVEL_ATTRS, LEVELS, PARENT, PN_ATTRS
 
 # keyword -> level, for every key the index stores
@@ -36,9 +34,10 @@ LEVEL_KEYS: dict[str, list[str]] = {
 # keys a C-FIND identifier may carry that are not matching keys
 IGNORED_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC"}
 
-_DATE = re.compile(r"^\d{8}$")
-_TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
-_DATETIME = re.compile(r"^\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?$")
+# compiled on first use (re caches them), not at import: start-up time counts
+_DATE = r"^\d{8}$"
+_TIME = r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$"
+_DATETIME = r"^\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?$"
 
 
 def vr_of(keyword: str) -> str:
@@ -46,6 +45,11 @@ def vr_of(keyword: str) -> str:
         return "path"
     if keyword in ("size", "mtime"):
         return "num"
+    entry = ENTRIES.get(keyword)
+    if entry is not None:
+        return entry[1].split(" or ")[0]
+    from pydicom.datadict import dictionary_VR  # loads all of pydicom: only for keys the index lacks
+
     try:
         return str(dictionary_VR(keyword)).split(" or ")[0]
     except KeyError:
@@ -53,6 +57,11 @@ def vr_of(keyword: str) -> str:
 
 
 def is_multivalued(keyword: str) -> bool:
+    entry = ENTRIES.get(keyword)
+    if entry is not None:
+        return entry[2] != "1"
+    from pydicom.datadict import dictionary_VM
+
     try:
         return dictionary_VM(keyword) != "1"
     except (KeyError, ValueError):
@@ -64,7 +73,12 @@ def normalize_key(name: str) -> str:
     raw = name.strip()
     m = re.match(r"^\(?([0-9A-Fa-f]{4}),?([0-9A-Fa-f]{4})\)?$", raw)
     if m:
-        kw = keyword_for_tag(int(m.group(1) + m.group(2), 16))
+        tag = int(m.group(1) + m.group(2), 16)
+        kw = TAGS.get(tag)
+        if kw is None:
+            from pydicom.datadict import keyword_for_tag
+
+            kw = keyword_for_tag(tag)
         if not kw:
             raise UsageError(f"tag {raw} has no DICOM keyword; use a keyword such as PatientName")
         return kw
@@ -75,29 +89,56 @@ def allowed_keys_text() -> str:
     return ", ".join(k for level in LEVELS for k in LEVEL_KEYS[level])
 
 
-@dataclass
+# Plain classes, not dataclasses: building a dataclass costs start-up time that
+# `dsearch --count` from cron pays every minute.
 class Condition:
-    level: str
-    sql: str  # with {a} for the table alias
-    params: list = field(default_factory=list)
+    __slots__ = ("level", "sql", "params")
+
+    def __init__(self, level: str, sql: str, params: list | None = None):
+        self.level = level
+        self.sql = sql  # with {a} for the table alias
+        self.params = [] if params is None else params
+
+    def __repr__(self) -> str:
+        return f"Condition({self.level!r}, {self.sql!r}, {self.params!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Condition) and (self.level, self.sql, self.params) == (other.level, other.sql, other.params)
 
 
-@dataclass
 class Query:
     """A validated query: conditions per level, free text, and the level answered."""
 
-    level: str
-    conditions: list[Condition] = field(default_factory=list)
-    text: str | None = None
+    __slots__ = ("level", "conditions", "text")
+
+    def __init__(self, level: str, conditions: list[Condition] | None = None, text: str | None = None):
+        self.level = level
+        self.conditions = [] if conditions is None else conditions
+        self.text = text
+
+    def __repr__(self) -> str:
+        return f"Query({self.level!r}, {self.conditions!r}, {self.text!r})"
 
 
 def _check_range_part(vr: str, part: str, key: str) -> None:
     pattern = {"DA": _DATE, "TM": _TIME, "DT": _DATETIME}[vr]
-    if part and (not pattern.match(part) or not _plausible(vr, part)):
-        example = {"DA": "20260101-20260131", "TM": "080000-120000", "DT": "20260101080000-20260101120000"}[vr]
+    if part and (not re.match(pattern, part) or not _plausible(vr, part)):
+        if vr == "DA":
+            raise UsageError(f"{key}={part!r}: dates are YYYYMMDD, e.g. {key}=20260101 or a range "
+                             f"{key}=20260101-20260131")
+        example = {"TM": "080000-120000", "DT": "20260101080000-20260101120000"}[vr]
         raise UsageError(
             f"{key}={part!r}: not a valid {vr} value; use a single value or a range like {key}={example}"
         )
+
+
+def _check_date_value(key: str, value: str) -> None:
+    """A date written the ISO way (2026-01-01, with its own '-') is refused before it is
+    read as a range; the message says how DICOM writes dates."""
+    m = re.search(r"(\d{4})-(\d{2})-(\d{2})", value)
+    if m:
+        raise UsageError(f"{key}={value!r}: dates are YYYYMMDD without '-' (e.g. {key}={''.join(m.groups())}); "
+                         f"a range is {key}=20260101-20260131")
 
 
 def _plausible(vr: str, value: str) -> bool:
@@ -151,6 +192,8 @@ def condition(key: str, value: str) -> Condition | None:
         marks = ", ".join("?" for _ in uids)
         return Condition(level, f"{{a}}.{key} IN ({marks})", uids)
     if vr in ("DA", "TM", "DT"):
+        if vr == "DA":
+            _check_date_value(key, value)
         if "-" in value and not (vr == "DT" and re.search(r"\d[+-]\d{4}$", value) and value.count("-") == 1 and not value.startswith("-")):
             lo, _, hi = value.partition("-")
             if "-" in hi:
@@ -159,6 +202,9 @@ def condition(key: str, value: str) -> Condition | None:
             _check_range_part(vr, hi, key)
             if not lo and not hi:
                 return None
+            if vr == "DA" and lo and hi and lo > hi:
+                raise UsageError(f"{key}={value!r}: the range ends before it starts; dates are YYYYMMDD and a "
+                                 f"range goes from the earlier to the later: {key}={hi}-{lo}")
             parts, params = [], []
             if lo:
                 parts.append(f"{{a}}.{key} >= ?")
@@ -200,6 +246,8 @@ def parse_keys(level: str, keys: dict[str, str] | Sequence[tuple[str, str]], tex
         if key not in KEY_LEVEL:
             if not strict:
                 continue
+            from pydicom.datadict import tag_for_keyword
+
             if tag_for_keyword(key) is None and key not in FILE_FIELDS:
                 raise UsageError(f"unknown keyword {name!r}; keys are DICOM keywords such as PatientName or "
                                  f"gggg,eeee tags. Searchable keys: {allowed_keys_text()}")

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import (
 )
 
 from ..config import Config
+from ..settings import valid_name
 from ..errors import ConfigError, InputError
 
 IDENTITY_TAG = "dtools1"
@@ -33,12 +34,11 @@ ENC_KEY_FILE = "x25519.key"
 SIGN_KEY_FILE = "ed25519.key"
 PUBLIC_FILE = "identity.pub"
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def check_name(name: object, what: str = "site name") -> str:
     """A site or peer name: letters, digits, '.', '_', '-'; at most 64 characters."""
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not valid_name(name):  # the same rule as [site] name and [peers.NAME] in the schema
         raise ConfigError(
             f"{what} {str(name)[:80]!r} is not valid; use letters, digits, '.', '_' or '-' (at most 64)"
         )
