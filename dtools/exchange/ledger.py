@@ -65,7 +65,8 @@ class Ledger:
                 self.db.execute(f"PRAGMA user_version = {i + 1}")
             self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            if self.db.in_transaction:  # a signal may land after the COMMIT itself
+                self.db.execute("ROLLBACK")
             raise
 
     def close(self) -> None:
@@ -77,7 +78,8 @@ class Ledger:
         try:
             yield self.db
         except BaseException:
-            self.db.execute("ROLLBACK")
+            if self.db.in_transaction:  # a signal may land after the COMMIT itself
+                self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
 

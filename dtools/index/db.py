@@ -85,5 +85,6 @@ def migrate(conn: sqlite3.Connection, current: int) -> None:
             conn.execute(f"PRAGMA user_version = {number + 1}")
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # a signal may land after the COMMIT itself
+                conn.execute("ROLLBACK")
             raise
