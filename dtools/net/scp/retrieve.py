@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 from ...errors import DtoolsError
 from .. import syntaxes
 from ..common import nodelay_handlers
-from ..scu import Item, Outcome, inspect, send
+from ..scu import Item, Outcome, inspect, rejection, send
 from .query import element_text, model_of, query_level
 from .statuses import (
     CANCEL,
@@ -75,6 +75,7 @@ class Request:
         self.rsp_class = C_MOVE if kind == "move" else C_GET
         self.remaining = self.completed = self.failed = self.warnings = 0
         self.failed_uids: list[str] = []
+        self.first_error: str | None = None
 
     def identifier(self) -> Dataset:
         from pynetdicom.dsutils import decode
@@ -89,7 +90,7 @@ class Request:
         rsp.AffectedSOPClassUID = self.req.AffectedSOPClassUID
         rsp.Status = code
         if comment:
-            rsp.ErrorComment = comment[:64]
+            rsp.ErrorComment = comment[:64]  # LO
         if counts:
             if code in (PENDING, CANCEL):
                 rsp.NumberOfRemainingSuboperations = self.remaining
@@ -115,6 +116,7 @@ class Request:
         else:
             self.failed += 1
             self.failed_uids.append(item.sop_instance)
+            self.first_error = self.first_error or outcome.error
 
     def finish(self) -> None:
         if not self.failed and not self.warnings:
@@ -122,7 +124,7 @@ class Request:
         else:
             all_failed = self.failed and not self.completed and not self.warnings
             self.respond(SUBOPS_FAILED if all_failed else WARNING,
-                         "no instance could be sent" if all_failed else None, failed_list=True)
+                         self.first_error if all_failed else None, failed_list=True)
 
 
 class RetrieveService:
@@ -175,13 +177,16 @@ class RetrieveService:
         sub = service.ae.associate(dest.host, dest.port, contexts=syntaxes.contexts({i.pair for i in items}),
                                    ae_title=dest.aet, evt_handlers=nodelay_handlers())
         if not sub.is_established:
-            from ..scu import rejection
-
-            reason = (rejection(dest, service.ae.ae_title, sub) if sub.is_rejected else
-                      f"{dest} accepts none of the contexts proposed" if sub.is_aborted and sub.rejected_contexts
-                      else f"cannot reach {dest}")
+            if sub.is_aborted and sub.rejected_contexts and not sub.accepted_contexts:
+                # negotiated, but nothing usable accepted: every sub-operation fails
+                reason = f"{dest} accepts none of the contexts proposed"
+                for item in items:
+                    log.error("C-MOVE: sub-operation for %s failed: %s", item.sop_instance, reason)
+                    r.count(item, Outcome("failed", error=reason))
+                return r.respond(SUBOPS_FAILED, reason, failed_list=True)
+            reason = rejection(dest, service.ae.ae_title, sub) if sub.is_rejected else f"cannot reach {dest}"
             log.error("C-MOVE from %s: %s", r.calling, reason)
-            return r.respond(MOVE_DESTINATION_UNKNOWN, reason[:64], counts=False)
+            return r.respond(MOVE_DESTINATION_UNKNOWN, reason, counts=False)
         try:
             self.sub_operations(r, sub, items, originator=(self.server.s.aet, req.MessageID))
         finally:
