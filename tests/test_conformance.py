@@ -163,12 +163,12 @@ def qr(tmp_path_factory):
     res = run_tool(require_tool("dcmconv"), "+g", str(plain), str(src / "gl.dcm"))  # with group lengths
     assert res.returncode == 0, res.stderr
     files["gl"] = src / "gl.dcm"
-    pair_series = generate_uid()
-    make_instance(base / "j.dcm", patient_id="PJ", study_uid=study, series_uid=pair_series, instance_number=1)
+    pair_study, pair_series = generate_uid(), generate_uid()
+    make_instance(base / "j.dcm", patient_id="PJ", study_uid=pair_study, series_uid=pair_series, instance_number=1)
     res = run_tool(require_tool("dcmcjpeg"), "+e1", str(base / "j.dcm"), str(src / "jll.dcm"))  # JPEG Lossless SV1
     assert res.returncode == 0, res.stderr
     files["jll"] = src / "jll.dcm"
-    files["jll_plain"] = make_instance(src / "jll_plain.dcm", patient_id="PJ", study_uid=study,
+    files["jll_plain"] = make_instance(src / "jll_plain.dcm", patient_id="PJ", study_uid=pair_study,
                                        series_uid=pair_series, instance_number=2)
     ports = {name: free_port() for name in ("STORESCP", "IMPLICIT", "J2KONLY", "J2KECHO")}
     port = free_port()
@@ -454,3 +454,61 @@ def test_any_called_aet(tmp_path):
         stop(proc)
     assert by_config.returncode == 0, by_config.stderr
     assert by_flag.returncode == 0, by_flag.stderr
+
+
+def test_parallel_rejections_are_reported_as_rejections(tmp_path):
+    """48 dstores at once against dserve --allow: every one says it was rejected and exits 69
+    (1 in 48 said "cannot reach")."""
+    import subprocess
+
+    from conftest import cmd_path
+
+    port = free_port()
+    proc = start_dserve(tmp_path / "h", port, "--allow", "SOMEONE")
+    src = str(make_instance(tmp_path / "a.dcm"))
+    try:
+        runs = [subprocess.Popen([cmd_path("dstore"), f"DTOOLS@127.0.0.1:{port}", src], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE) for _ in range(48)]
+        results = [(p.wait(120), p.stderr.read().decode(errors="replace")) for p in runs]
+    finally:
+        stop(proc)
+    assert [code for code, _ in results] == [69] * 48
+    assert all("rejected the association: calling AE title 'DTOOLS' not recognised" in err for _, err in results)
+
+
+# -- pynetdicom's apps -----------------------------------------------------------------------------
+def pynetdicom_app(app: str, *args: str, cwd: Path | None = None):
+    import subprocess
+    import sys
+
+    from loopback import loopback_env
+
+    return subprocess.run([sys.executable, "-m", "pynetdicom", app, *args], capture_output=True, timeout=120,
+                          env=loopback_env(), cwd=cwd)
+
+
+def test_pynetdicom_getscu_gets_compressed_instances_decompressed(qr, tmp_path):
+    """pynetdicom's getscu offers uncompressed syntaxes only: JPEG-LS and JPEG 2000 arrive
+    decompressed, with the original pixels."""
+    out = tmp_path / "got"
+    out.mkdir()
+    uids = "\\".join(qr["uids"][k] for k in ("jls", "j2k", "be"))
+    res = pynetdicom_app("getscu", "127.0.0.1", str(qr["port"]), "-S", "-aec", "DTOOLS", "-od", str(out),
+                         "-k", "QueryRetrieveLevel=IMAGE", "-k", "StudyInstanceUID=*", "-k", "SeriesInstanceUID=*",
+                         "-k", f"SOPInstanceUID={uids}")
+    assert res.returncode == 0, res.stderr
+    got = received(out)
+    assert set(got) == {qr["uids"][k] for k in ("jls", "j2k", "be")}, res.stderr
+    for path in got.values():
+        assert not pydicom.dcmread(path).file_meta.TransferSyntaxUID.is_compressed
+        assert np.array_equal(pixels_of(path), pixels_of(get_testdata_file("MR_small.dcm")))
+
+
+def test_pynetdicom_movescu_patient_level_under_study_root(qr, tmp_path):
+    out = tmp_path / "moved"
+    out.mkdir()
+    res = pynetdicom_app("movescu", "127.0.0.1", str(qr["port"]), "-S", "-aec", "DTOOLS", "-aem", "STORESCP",
+                         "--store", "--store-aet", "STORESCP", "--store-port", str(qr["ports"]["STORESCP"]),
+                         "-od", str(out), "-k", "QueryRetrieveLevel=PATIENT", "-k", "PatientID=PJ")
+    assert res.returncode == 0, res.stderr
+    assert set(received(out)) == {qr["uids"]["jll"], qr["uids"]["jll_plain"]}, res.stderr.decode()[-2000:]
