@@ -72,7 +72,10 @@ def with_orthanc(tmp_path_factory):
 
 
 def test_orthanc_finds_what_dsearch_finds(with_orthanc):
+    from loopback import listening_addresses
+
     o, home = with_orthanc["orthanc"], with_orthanc["home"]
+    assert listening_addresses(o.http_port) == listening_addresses(o.dicom_port) == {"127.0.0.1"}
     _qid, studies = o.query("dtools", "Study", {"PatientName": "DOE*", "StudyDate": "", "AccessionNumber": ""})
     want = dsearch(home, "study", "PatientName=DOE*")
     assert len(want) == 2
@@ -92,6 +95,8 @@ def test_orthanc_retrieves_a_patient(with_orthanc):
     job = o.post("/modalities/dtools/move", {"Level": "Patient", "Resources": [{"PatientID": "P1"}],
                                              "TargetAet": "ORTHANC", "Synchronous": True})
     assert job == {} or job is None or "Failed" not in str(job), job
+    time.sleep(0.2)
+    assert "C-MOVE from ORTHANC, PATIENT level: 6 instance(s) to ORTHANC@" in bytes(with_orthanc["proc"].err).decode()
     want = {r["SOPInstanceUID"]: r for r in dsearch(home, "instance", "PatientID=P1")}
     got = {t["SOPInstanceUID"]: t for t in o.instances() if t.get("PatientID") == "P1"}
     assert set(got) == set(want) and len(want) == 6

@@ -712,3 +712,41 @@ def test_an_idle_accepted_association_looks_less_often():
         r.join(20)
     assert seen[True][0] >= IDLE_AFTER and seen[True][1] == 0
     assert seen[False][0] <= 1 and seen[False][1] == 0
+
+
+def test_syntax_choice_never_compresses():
+    from dtools.errors import UsageError
+    from dtools.net.syntaxes import choose, parse_syntax
+
+    ct, ile, ele, be = CTImageStorage, "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"
+    jls, j2k = "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90"
+    assert choose(ct, jls, {ct: [ile, jls]}) == (jls, "")  # as stored first
+    assert choose(ct, jls, {ct: [ile, ele]}) == (ele, "")  # decompressed, explicit VR first
+    assert choose(ct, be, {ct: [ile]}) == (ile, "")
+    target, why = choose(ct, ele, {ct: [j2k]})
+    assert target is None and "does not compress" in why
+    target, why = choose(ct, ele, {ct: [ele]}, want=jls)
+    assert target is None and "does not accept" in why
+    assert choose(ct, jls, {})[0] is None
+    assert parse_syntax("implicitvrlittleendian") == ile and parse_syntax(" 1.2.840.10008.1.2.4.80") == jls
+    with pytest.raises(UsageError):
+        parse_syntax("1.2.840.10008.5.1.4.1.1.2")  # a SOP class, not a transfer syntax
+
+
+def test_acceptor_takes_the_callers_first_syntax():
+    """pynetdicom picks the acceptor's order; dserve's hook re-picks the caller's."""
+    from pynetdicom.presentation import build_context, negotiate_as_acceptor
+
+    from dtools.net.hooks import prefer_caller_order
+
+    jll, ele, ile = "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
+    rq = build_context(CTImageStorage, [jll, ele, ile])
+    rq.context_id = 1
+    ac = build_context(CTImageStorage, [ile, ele, jll])
+    result, _ = negotiate_as_acceptor([rq], [ac])
+    assert result[0].transfer_syntax == [ile]  # pynetdicom's own choice
+    prefer_caller_order(result, [rq], [ac])
+    assert result[0].transfer_syntax == [jll]
+    result[0]._as_scu = True  # a C-GET storage context: we send on it
+    prefer_caller_order(result, [rq], [ac])
+    assert result[0].transfer_syntax == [ele]
