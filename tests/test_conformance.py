@@ -462,8 +462,9 @@ def test_any_called_aet(tmp_path):
 
 
 def test_parallel_rejections_are_reported_as_rejections(tmp_path):
-    """48 dstores at once against dserve --allow: every one says it was rejected and exits 69
-    (1 in 48 said "cannot reach")."""
+    """24 dstores at once against dserve --allow: every one says it was rejected and exits 69
+    (1 in 48 said "cannot reach" in parallel loops). 24, not 48: each is a Python process
+    that imports pydicom, and CI has two cores."""
     import subprocess
 
     from conftest import cmd_path
@@ -473,11 +474,11 @@ def test_parallel_rejections_are_reported_as_rejections(tmp_path):
     src = str(make_instance(tmp_path / "a.dcm"))
     try:
         runs = [subprocess.Popen([cmd_path("dstore"), f"DTOOLS@127.0.0.1:{port}", src], stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE) for _ in range(48)]
-        results = [(p.wait(120), p.stderr.read().decode(errors="replace")) for p in runs]
+                                 stderr=subprocess.PIPE) for _ in range(24)]
+        results = [(p.wait(300), p.stderr.read().decode(errors="replace")) for p in runs]
     finally:
         stop(proc)
-    assert [code for code, _ in results] == [69] * 48
+    assert [code for code, _ in results] == [69] * 24
     assert all("rejected the association: calling AE title 'DTOOLS' not recognised" in err for _, err in results)
 
 

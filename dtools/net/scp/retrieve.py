@@ -103,8 +103,14 @@ class Request:
             rsp.Identifier = BytesIO(encode(ident, self.ts.is_implicit_VR, self.ts.is_little_endian, self.ts.is_deflated))
         self.service.dimse.send_msg(rsp, self.cx_id)
 
-    def refuse(self, code: int, reason: str) -> None:
-        log.error("%s from %s refused: %s", self.what, self.calling, reason)
+    def refuse(self, code: int, reason: str, private: bool = False) -> None:
+        """A failure status with `reason` as comment; a `private` reason may quote key values
+        (patient data), so the log shows it only with -v."""
+        if private:
+            log.error("%s from %s refused: a key value cannot be understood", self.what, self.calling)
+            log.info("%s refused: %s", self.what, reason)
+        else:
+            log.error("%s from %s refused: %s", self.what, self.calling, reason)
         self.respond(code, reason, counts=False)
 
     def count(self, item: Item, outcome: Outcome) -> None:
@@ -155,7 +161,7 @@ class RetrieveService:
         try:
             items, unreadable = self.items(keys)
         except DtoolsError as exc:
-            return r.refuse(CANNOT_UNDERSTAND, str(exc))
+            return r.refuse(CANNOT_UNDERSTAND, str(exc), private=True)
         except Exception as exc:  # noqa: BLE001 - sqlite busy, disk errors
             log.error("%s: index query failed (%s)", r.what, exc)
             return r.refuse(OUT_OF_RESOURCES, "index query failed")
