@@ -472,11 +472,16 @@ def test_parallel_rejections_are_reported_as_rejections(tmp_path):
     port = free_port()
     proc = start_dserve(tmp_path / "h", port, "--allow", "SOMEONE")
     src = str(make_instance(tmp_path / "a.dcm"))
+    runs: list = []
     try:
         runs = [subprocess.Popen([cmd_path("dstore"), f"DTOOLS@127.0.0.1:{port}", src], stdout=subprocess.DEVNULL,
                                  stderr=subprocess.PIPE) for _ in range(24)]
         results = [(p.wait(300), p.stderr.read().decode(errors="replace")) for p in runs]
     finally:
+        for p in runs:  # bounded: none outlives the test
+            if p.poll() is None:
+                p.kill()
+                p.wait()
         stop(proc)
     assert [code for code, _ in results] == [69] * 24
     assert all("rejected the association: calling AE title 'DTOOLS' not recognised" in err for _, err in results)
