@@ -77,7 +77,7 @@ def cmd(app: cli.App, aet, port, bind, allow, any_called_aet, destination, max_a
         max_associations=cfg.get("dserve.max_associations", 10, flag=max_associations, type=int),
         timeout=cfg.get("dserve.timeout", 60.0, flag=timeout, type=float),
         sync=str(cfg.get("dserve.sync", "always", flag=sync)),
-        any_called_aet=_flag(cfg, "dserve.accept_any_called_aet", any_called_aet),
+        any_called_aet=bool(cfg.get("dserve.accept_any_called_aet", flag=any_called_aet)),
     )
     if settings.sync not in ("always", "batch"):
         raise ConfigError(f"[dserve] sync = {settings.sync!r}: use \"always\" or \"batch\"")
@@ -139,19 +139,6 @@ def cmd(app: cli.App, aet, port, bind, allow, any_called_aet, destination, max_a
     if got:
         raise cli.Terminated()
     return 0
-
-
-def _flag(cfg, key: str, flag) -> bool:
-    """A boolean setting: the flag, else true/false in the environment or config.toml."""
-    value = cfg.get(key, False, flag=flag)
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise ConfigError(f"{key.split('.')[-1]} = {value!r} is not true or false; fix [dserve] in the config or the environment")
 
 
 def _as_list(value) -> list[str]:
