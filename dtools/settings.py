@@ -247,9 +247,11 @@ SCHEMA: dict[str, Setting] = {
     "dserve.timeout": Setting(Float(0), 60.0, "dserve's idle and DIMSE timeout, seconds"),
     "dserve.sync": Setting(Choice("always", "batch"), "always", "when dserve fsyncs received files"),
     "dserve.grace": Setting(Float(0), 10.0, "seconds running associations may finish after SIGTERM"),
+    "dserve.accept_any_called_aet": Setting(Bool(), False, "answer associations whatever AE title they call"),
     "dserve.destinations.*": Setting(Destination(), None, "C-MOVE destinations and dstore peers, by AE title", env=False),
     "dstore.aet": Setting(Str(), None, "dstore's calling AE title (default: dserve.aet)"),
     "dstore.timeout": Setting(Float(0), 30.0, "dstore's association and DIMSE timeout, seconds"),
+    "dstore.transfer_syntax": Setting(Str(), None, "send every instance in this transfer syntax (default: as stored)"),
 }
 
 # DTOOLS_* variables that are not settings of the file.

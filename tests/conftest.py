@@ -27,7 +27,7 @@ def require_tool(name: str) -> str:
     )
     if path:
         return path
-    message = f"{name} is not installed (apt-get install dovecot-imapd dcmtk)"
+    message = f"{name} is not installed (apt-get install dovecot-imapd dcmtk orthanc)"
     if IN_CI:
         pytest.fail(message + " but CI=true requires it")
     pytest.skip(message)

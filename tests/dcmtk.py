@@ -91,8 +91,9 @@ def output(proc: subprocess.Popen) -> tuple[bytes, str]:
 
 def start_storescp(tool: str, outdir: Path, port: int, aet: str = "STORESCP", *args: str) -> subprocess.Popen:
     outdir.mkdir(parents=True, exist_ok=True)
+    accept = [] if "-xf" in args else ["+xa"]  # an association profile says what it accepts
     proc = subprocess.Popen(
-        [tool, "+xa", "--aetitle", aet, "--output-directory", str(outdir), *args, str(port)],
+        [tool, *accept, "--aetitle", aet, "--output-directory", str(outdir), *args, str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=loopback_env(),  # storescp has no bind option
     )
     wait_port(port, proc)

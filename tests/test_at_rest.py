@@ -135,7 +135,7 @@ def test_library_writers_are_owner_only_without_the_command_layer(tmp_path):
     that the commands set: the writers ask for owner-only modes themselves."""
     from dtools.dicom.archive import AtomicFile, write_atomic
     from dtools.index.db import open_index
-    from dtools.net.scp import write_new_file
+    from dtools.net.scp.storage import write_new_file
 
     old = os.umask(0)
     try:

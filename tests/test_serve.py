@@ -23,8 +23,10 @@ from pynetdicom.sop_class import (
 from conftest import run
 from dcmtk import free_port, make_corpus, make_instance
 from dtools.net.common import Peer, parse_peer
-from dtools.net.scp import Server, ServerSettings, file_header
-from dtools.net.scu import contexts_for, inspect, split_for_contexts
+from dtools.net.scp import Server, ServerSettings
+from dtools.net.scp.storage import file_header
+from dtools.net.scu import inspect
+from dtools.net.syntaxes import contexts, split
 
 
 def make_server(tmp_path, count_handler: bool = False) -> Server:
@@ -207,19 +209,22 @@ def test_move_to_unreachable_destination_is_a801(server, tmp_path):
     unknown = [s.Status for s, _ in assoc.send_c_move(ident, "NOBODY", StudyRootQueryRetrieveInformationModelMove)]
     down = [s.Status for s, _ in assoc.send_c_move(ident, "DEST", StudyRootQueryRetrieveInformationModelMove)]
     del ident.StudyInstanceUID
-    no_key = [s.Status for s, _ in assoc.send_c_move(ident, "DEST", StudyRootQueryRetrieveInformationModelMove)]
+    no_key = [s for s, _ in assoc.send_c_move(ident, "DEST", StudyRootQueryRetrieveInformationModelMove)]
     assoc.release()
     assert unknown == [0xA801] and down == [0xA801]
-    assert len(no_key) == 1 and 0xC000 <= no_key[0] <= 0xCFFF  # unable to process
+    # the same status and comment as C-GET gives (fault: C-MOVE said 0xC513 without a comment)
+    assert [s.Status for s in no_key] == [0xA900]
+    assert no_key[0].ErrorComment == "StudyInstanceUID is required to retrieve at the STUDY level"
 
 
 def test_contexts_split_at_128(tmp_path):
     from dtools.net.scu import Item
 
     items = [Item(f"/x/{i}", f"1.2.3.{i}", f"9.{i}", ExplicitVRLittleEndian, True) for i in range(100)]
-    groups = list(split_for_contexts(items))
-    assert [len(g) for g in groups] == [64, 36]  # each needs its own and an implicit fallback context
-    assert all(len(contexts_for({i.pair for i in g})) <= 128 for g in groups)
+    groups = list(split(items))
+    # each needs its own and an uncompressed fallback context; one Verification context per association
+    assert [len(g) for g in groups] == [63, 37]
+    assert all(len(contexts({i.pair for i in g})) <= 128 for g in groups)
 
 
 def test_inspect_rejects_non_dicom(tmp_path):
@@ -308,7 +313,7 @@ def test_dserve_sync_batch_prints_records_after_sync(tmp_path):
 
 @pytest.mark.parametrize("sync", [True, False])
 def test_write_new_file_is_atomic_and_creates_directories(tmp_path, sync):
-    from dtools.net.scp import write_new_file
+    from dtools.net.scp.storage import write_new_file
 
     target = tmp_path / "1.2" / "3.4" / "5.6.dcm"
     write_new_file(str(target), (b"head", memoryview(b"data")), sync=sync)
@@ -319,7 +324,7 @@ def test_write_new_file_is_atomic_and_creates_directories(tmp_path, sync):
 
 
 def test_write_new_file_failure_leaves_no_temporary(tmp_path):
-    from dtools.net.scp import write_new_file
+    from dtools.net.scp.storage import write_new_file
 
     target = tmp_path / "s" / "x.dcm"
     target.parent.mkdir()
@@ -395,13 +400,13 @@ needs_lane = pytest.mark.skipif(not lane_available(), reason="the C-STORE lane i
 def counting_store_handler(server):
     """Count the C-STOREs that reach pynetdicom's EVT_C_STORE handler instead of the lane."""
     calls = []
-    plain = server.on_store
+    plain = server.storage.on_store
 
     def on_store(event):
         calls.append(event.context.transfer_syntax)
         return plain(event)
 
-    server.on_store = on_store
+    server.storage.on_store = on_store
     return calls
 
 
@@ -549,7 +554,7 @@ def test_killed_dserve_leaves_its_stores_indexed(tmp_path):
 def test_sync_batch_renames_files_only_after_syncing_them(tmp_path, caplog):
     """--sync batch: a stored file waits at its temporary name until its batch is synced."""
     from dtools.net.indexproc import IndexWriter
-    from dtools.net.scp import write_new_file
+    from dtools.net.scp.storage import write_new_file
 
     src = make_instance(tmp_path / "a.dcm")
     target = tmp_path / "archive" / "s" / "a.dcm"
@@ -707,3 +712,41 @@ def test_an_idle_accepted_association_looks_less_often():
         r.join(20)
     assert seen[True][0] >= IDLE_AFTER and seen[True][1] == 0
     assert seen[False][0] <= 1 and seen[False][1] == 0
+
+
+def test_syntax_choice_never_compresses():
+    from dtools.errors import UsageError
+    from dtools.net.syntaxes import choose, parse_syntax
+
+    ct, ile, ele, be = CTImageStorage, "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"
+    jls, j2k = "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90"
+    assert choose(ct, jls, {ct: [ile, jls]}) == (jls, "")  # as stored first
+    assert choose(ct, jls, {ct: [ile, ele]}) == (ele, "")  # decompressed, explicit VR first
+    assert choose(ct, be, {ct: [ile]}) == (ile, "")
+    target, why = choose(ct, ele, {ct: [j2k]})
+    assert target is None and "does not compress" in why
+    target, why = choose(ct, ele, {ct: [ele]}, want=jls)
+    assert target is None and "does not accept" in why
+    assert choose(ct, jls, {})[0] is None
+    assert parse_syntax("implicitvrlittleendian") == ile and parse_syntax(" 1.2.840.10008.1.2.4.80") == jls
+    with pytest.raises(UsageError):
+        parse_syntax("1.2.840.10008.5.1.4.1.1.2")  # a SOP class, not a transfer syntax
+
+
+def test_acceptor_takes_the_callers_first_syntax():
+    """pynetdicom picks the acceptor's order; dserve's hook re-picks the caller's."""
+    from pynetdicom.presentation import build_context, negotiate_as_acceptor
+
+    from dtools.net.hooks import prefer_caller_order
+
+    jll, ele, ile = "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
+    rq = build_context(CTImageStorage, [jll, ele, ile])
+    rq.context_id = 1
+    ac = build_context(CTImageStorage, [ile, ele, jll])
+    result, _ = negotiate_as_acceptor([rq], [ac])
+    assert result[0].transfer_syntax == [ile]  # pynetdicom's own choice
+    prefer_caller_order(result, [rq], [ac])
+    assert result[0].transfer_syntax == [jll]
+    result[0]._as_scu = True  # a C-GET storage context: we send on it
+    prefer_caller_order(result, [rq], [ac])
+    assert result[0].transfer_syntax == [ele]

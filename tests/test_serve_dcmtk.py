@@ -72,8 +72,10 @@ def test_allow_list_rejects_unknown_calling_aet(tmp_path):
     assert good.returncode == 0, good.stderr
 
 
-# storescu proposes one compressed transfer syntax per run: the option for each
+# storescu proposes one compressed transfer syntax per run: the option for each (and dserve
+# accepts what storescu prefers, so each uncompressed syntax gets its own run too)
 PROPOSE = {
+    "1.2.840.10008.1.2": "-xi", "1.2.840.10008.1.2.1": "-xe", "1.2.840.10008.1.2.2": "-xb",
     "1.2.840.10008.1.2.5": "-xr", "1.2.840.10008.1.2.4.50": "-xy", "1.2.840.10008.1.2.4.51": "-xx",
     "1.2.840.10008.1.2.4.70": "-xs", "1.2.840.10008.1.2.4.80": "-xt", "1.2.840.10008.1.2.4.81": "-xu",
     "1.2.840.10008.1.2.4.90": "-xv", "1.2.840.10008.1.2.4.91": "-xw", "1.2.840.10008.1.2.1.99": "-xd",

@@ -28,6 +28,9 @@ GRACE = 10.0
 @click.option("--allow", metavar="AET", multiple=True,
               help="Accept associations only from this calling AE title (repeatable) "
                    "[config [dserve] allow = [...]; default anyone].")
+@click.option("--any-called-aet", "any_called_aet", is_flag=True, default=None,
+              help="Accept associations whatever AE title they call; by default only those calling --aet "
+                   "[config [dserve] accept_any_called_aet = true].")
 @click.option("--destination", metavar="AET=HOST:PORT", multiple=True,
               help="A C-MOVE destination (repeatable), added to [dserve.destinations].")
 @click.option("--max-associations", type=int, metavar="N", default=None,
@@ -40,14 +43,17 @@ GRACE = 10.0
 @click.option("--grace", type=float, metavar="SECONDS", default=None,
               help=f"On SIGTERM, how long running associations may finish before they are aborted "
                    f"[config [dserve] grace; default {GRACE:g}].")
-def cmd(app: cli.App, aet, port, bind, allow, destination, max_associations, timeout, sync, grace):
+def cmd(app: cli.App, aet, port, bind, allow, any_called_aet, destination, max_associations, timeout, sync,
+        grace):
     """Listen for DICOM associations and serve this site's archive and index.
 
     C-STORE writes each instance atomically into HOME/archive/<Study>/<Series>/<SOP>.dcm,
     indexes it and prints its `instance` record on standard output, so
     `dserve | dseal --to site-b | dmail-send` relays what modalities send, live.
     C-FIND answers from the index (Patient Root and Study Root, every level); C-MOVE
-    sends to destinations known by AE title; C-GET returns over the same association.
+    sends to destinations known by AE title; C-GET returns over the same association,
+    each instance as stored or converted to a syntax the receiver accepts. Associations
+    must call --aet unless --any-called-aet is given.
     """
     from ..net.scp import Server, ServerSettings
     # pydicom warns about every odd value a peer sends; the records and -v logs say what matters
@@ -71,6 +77,7 @@ def cmd(app: cli.App, aet, port, bind, allow, destination, max_associations, tim
         max_associations=cfg.get("dserve.max_associations", 10, flag=max_associations, type=int),
         timeout=cfg.get("dserve.timeout", 60.0, flag=timeout, type=float),
         sync=str(cfg.get("dserve.sync", "always", flag=sync)),
+        any_called_aet=bool(cfg.get("dserve.accept_any_called_aet", flag=any_called_aet)),
     )
     if settings.sync not in ("always", "batch"):
         raise ConfigError(f"[dserve] sync = {settings.sync!r}: use \"always\" or \"batch\"")
@@ -97,6 +104,7 @@ def cmd(app: cli.App, aet, port, bind, allow, destination, max_associations, tim
         raise ConfigError(f"cannot listen on {settings.bind}:{settings.port} ({exc.strerror or exc}); {hint}") from None
 
     app.info(f"listening on {settings.bind}:{settings.port} as {settings.aet}"
+             + (" (and any called AE title)" if settings.any_called_aet else "")
              + (f", allowing {', '.join(settings.allow)}" if settings.allow else ""))
     # Our own signal handlers: a signal only sets a flag, and the main thread shuts down
     # in order (stop accepting, finish or abort associations, commit the index).

@@ -13,7 +13,8 @@ import click
 from .. import cli
 from ..errors import RemoteError, UsageError
 from ..net.common import DEFAULT_AET, Peer, check_aet, destinations, parse_peer
-from ..net.scu import Item, NoContexts, Outcome, StoreSession, inspect, output_record, record_path, split_for_contexts
+from ..net.scu import Item, NoContexts, Outcome, StoreSession, inspect, output_record, record_path
+from ..net.syntaxes import parse_syntax, split
 
 BATCH = 500  # files inspected and proposed together
 GATHER = 0.05  # seconds to wait for more input before sending what has arrived
@@ -87,16 +88,21 @@ def _batches(q: queue.Queue, on_idle) -> Iterator[list[dict]]:
 @click.option("--aec", metavar="AET", default=None, help="Called AE title; overrides the one in PEER.")
 @click.option("--timeout", type=float, metavar="SECONDS", default=None,
               help="Connect, association and DIMSE timeout [config [dstore] timeout; default 30].")
+@click.option("--transfer-syntax", "transfer_syntax", metavar="UID|NAME", default=None,
+              help="Send every instance in this transfer syntax, converting where dtools can (to uncompressed "
+                   "syntaxes only), e.g. ImplicitVRLittleEndian [config [dstore] transfer_syntax; default: as stored, "
+                   "converted only when the peer does not accept that].")
 @cli.null_option
 def cmd(app: cli.App, peer: str, paths: tuple[str, ...], aet: str | None, aec: str | None,
-        timeout: float | None, null: bool):
+        timeout: float | None, transfer_syntax: str | None, null: bool):
     """Send DICOM instances to PEER with C-STORE.
 
     PEER is AET@HOST:PORT, HOST:PORT, or an AE title listed under [dserve.destinations].
     Files come from PATH arguments, or from `instance` records (or one path per line) on
     standard input. Files are sent over as few associations as possible, each proposing
     the presentation contexts the files need; a file is sent as it is stored when the
-    peer accepts its transfer syntax.
+    peer accepts its transfer syntax, and converted to one the peer accepts otherwise
+    (between uncompressed syntaxes, or decompressed; never compressed).
     """
     warnings.filterwarnings("ignore", module="pydicom")  # odd values in files are not our errors
     logging.getLogger("pydicom").setLevel(logging.ERROR)
@@ -105,7 +111,9 @@ def cmd(app: cli.App, peer: str, paths: tuple[str, ...], aet: str | None, aec: s
     tmo = app.config.get("dstore.timeout", 30.0, flag=timeout, type=float)
     if tmo <= 0:
         raise UsageError("--timeout must be a positive number of seconds")
-    session = StoreSession(target, calling, tmo)
+    want = app.config.get("dstore.transfer_syntax", None, flag=transfer_syntax)
+    want = parse_syntax(str(want)) if want else None
+    session = StoreSession(target, calling, tmo, want)
     q: queue.Queue = queue.Queue(maxsize=4 * BATCH)
     threading.Thread(target=_reader, args=(app, paths, null, q), daemon=True).start()
     sent = failed = 0
@@ -127,7 +135,7 @@ def cmd(app: cli.App, peer: str, paths: tuple[str, ...], aet: str | None, aec: s
                                                Outcome("failed", error=str(exc))))
                         failed += 1
                         advance()
-                for group in split_for_contexts(items):
+                for group in split(items, want):
                     for n, item in enumerate(group):
                         if not session.can_send(item):
                             try:
@@ -140,7 +148,7 @@ def cmd(app: cli.App, peer: str, paths: tuple[str, ...], aet: str | None, aec: s
                                     advance()
                                 break
                         outcome = session.send(item)
-                        if outcome.status != "stored" and not session.alive:
+                        if outcome.lost:
                             # The association died under us: one fresh try, then give up (69).
                             session.open(group[n:])
                             outcome = session.send(item)
