@@ -31,7 +31,7 @@ from ..dicom.archive import archive_path, fsync_dir
 from ..dicom.header import header_from_bytes
 from ..errors import ConfigError, DtoolsError, InputError
 from ..index.ingest import INDEX_KEYS
-from . import fastpath
+from . import fastpath, guard
 from .indexproc import IndexProcess
 from .common import Peer, contexts_for, nodelay_handlers, quiet_pynetdicom, set_nodelay, tune_pynetdicom
 
@@ -172,11 +172,12 @@ class Server:
         self.indexer = IndexProcess(settings.index_path, emit, self._on_fatal, settings.batch,
                                     sync_files=settings.sync == "batch", records_fd=records_fd)
         self.indexer.start()  # its start-up overlaps ours; start() waits until it is ready
+        self.pending = guard.PendingConnections(guard.pending_limit(settings.max_associations))
         self.ae = self._make_ae()
 
     # -- setup ---------------------------------------------------------------------
     def _make_ae(self) -> Any:
-        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES
+        from pynetdicom import ALL_TRANSFER_SYNTAXES
         from pynetdicom.presentation import AllStoragePresentationContexts
         from pynetdicom.sop_class import (
             PatientRootQueryRetrieveInformationModelFind,
@@ -188,7 +189,7 @@ class Server:
             Verification,
         )
 
-        ae = AE(ae_title=self.s.aet)
+        ae = guard.AcceptorAE(ae_title=self.s.aet)  # counts only associations that made their request
         ae.maximum_associations = self.s.max_associations
         ae.network_timeout = self.s.timeout
         ae.acse_timeout = min(self.s.timeout, 30)
@@ -214,6 +215,7 @@ class Server:
 
         return [
             *nodelay_handlers(),
+            (evt.EVT_CONN_OPEN, self.pending.on_open),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
             (evt.EVT_C_FIND, self.on_find),
@@ -267,6 +269,7 @@ class Server:
         fastpath.unregister(self.on_store)
         server, self._server = self._server, None
         server.shutdown()
+        self.pending.close_all()
         deadline = time.monotonic() + grace
         # Only associations that are established get the grace period: a connection that
         # never sent an A-ASSOCIATE-RQ (a port probe) would otherwise hold it for its ACSE timeout.
@@ -292,7 +295,10 @@ class Server:
 
     def on_rejected(self, event: Any) -> None:
         r = event.assoc.requestor
-        log.warning("rejected association from %s (%s); calling AE title not allowed", r.ae_title, r.address)
+        rj = event.assoc.acceptor.primitive
+        why = {(1, 3): "calling AE title not allowed", (3, 2): f"{self.s.max_associations} associations already "
+               "(--max-associations)"}.get((rj.result_source, rj.diagnostic), "association refused") if rj else "?"
+        log.warning("rejected association from %s (%s); %s", r.ae_title, r.address, why)
 
     def on_echo(self, event: Any) -> int:
         return SUCCESS
@@ -315,6 +321,9 @@ class Server:
             return OUT_OF_RESOURCES, "server is shutting down"
         with self.inflight:
             calling = assoc.requestor.ae_title
+            if not (sop_class.isascii() and sop_instance.isascii()):
+                log.error("C-STORE from %s refused: a UID in the request is not ASCII", calling)
+                return CANNOT_UNDERSTAND, "a UID in the request is not ASCII"
             try:
                 header = scan_header(sop_class, sop_instance, ts, calling, data)
                 if header is not None:
