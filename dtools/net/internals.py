@@ -408,7 +408,8 @@ def tune_pynetdicom(poll: float = POLL) -> None:
         return
     if not str(pynetdicom.__version__).startswith(TUNED_PYNETDICOM):
         # These are internals; on a version they were not checked against, run stock pynetdicom.
-        log.debug("pynetdicom %s: reactor tuning and PDU guards skipped", pynetdicom.__version__)
+        log.warning("pynetdicom %s is not a %sx release: it runs unmodified, slower and without dserve's "
+                    "limits on stalled, oversized or unknown PDUs", pynetdicom.__version__, TUNED_PYNETDICOM)
         return
     # Every accepted association deep-copies the server's ~180 presentation contexts
     # (30 ms, most of a C-FIND's latency). Negotiation only reads them and builds new
