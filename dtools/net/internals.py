@@ -51,6 +51,7 @@ MAX_ASSOCIATE_PDU = 1 << 20
 PDATA_UNANNOUNCED = 64 << 20
 MAX_OTHER_PDU = 64
 DEFAULT_PDU_TIMEOUT = 60.0  # seconds, when an association has no network timeout
+REJECT_LINGER = 2.0  # seconds a rejected peer has to send the rest of its request before we close
 _PDU_NAMES = {1: "A-ASSOCIATE-RQ", 2: "A-ASSOCIATE-AC", 3: "A-ASSOCIATE-RJ", 4: "P-DATA-TF",
               5: "A-RELEASE-RQ", 6: "A-RELEASE-RP", 7: "A-ABORT"}
 _HEAD = struct.Struct(">BBI")
@@ -134,7 +135,7 @@ def _reactor_sleep(seconds: float, poll: float = POLL) -> None:
 class _Rx:
     """The PDU a DUL is receiving: its header so far, then the whole PDU being filled."""
 
-    __slots__ = ("head", "pdu", "got", "deadline", "check_calling", "pdata_limit")
+    __slots__ = ("head", "pdu", "got", "deadline", "check_calling", "rejected", "pdata_limit")
 
     def __init__(self) -> None:
         self.head = b""
@@ -142,6 +143,7 @@ class _Rx:
         self.got = 0
         self.deadline = 0.0  # monotonic time by which the PDU must be whole; 0 between PDUs
         self.check_calling = False
+        self.rejected = False  # answered A-ASSOCIATE-RJ: read the rest of the request, then close
         self.pdata_limit = 0
 
     def reset(self) -> None:
@@ -150,6 +152,7 @@ class _Rx:
         self.got = 0
         self.deadline = 0.0
         self.check_calling = False
+        self.rejected = False
 
 
 def _pdu_limit(dul: Any, rx: _Rx, kind: int) -> int:
@@ -180,8 +183,8 @@ def _send_now(raw: socket.socket, data: bytes) -> None:
         pass
 
 
-def _drop(dul: Any, rx: _Rx, answer: bytes) -> None:
-    """Send `answer` (an A-ABORT or A-ASSOCIATE-RJ PDU) and close the connection now.
+def _drop(dul: Any, rx: _Rx, answer: bytes = b"") -> None:
+    """Send `answer` (an A-ABORT PDU), if any, and close the connection now.
 
     What the peer already sent is read first, up to a bound, so that closing does not
     reset the connection before the peer has read the answer.
@@ -189,7 +192,8 @@ def _drop(dul: Any, rx: _Rx, answer: bytes) -> None:
     rx.reset()
     raw = dul.socket.socket
     if raw is not None:
-        _send_now(raw, answer)
+        if answer:
+            _send_now(raw, answer)
         try:
             raw.shutdown(socket.SHUT_WR)
             for _ in range(16):
@@ -235,6 +239,22 @@ def _wake_acceptor(dul: Any) -> None:
     after the connection is gone: end its wait now (None is what its timeout returns)."""
     if dul.assoc.is_acceptor and dul.state_machine.current_state == "Sta2":
         dul.to_user_queue.put(None)
+
+
+def _reject_calling(dul: Any, rx: _Rx, raw: socket.socket) -> None:
+    """A-ASSOCIATE-RJ (rejected-permanent, service-user, calling AE title not recognized) now.
+
+    The connection is closed once the rest of the request has arrived, at most
+    REJECT_LINGER seconds later: closing with unread data would reset the connection,
+    and the peer might lose the answer before reading it.
+    """
+    _send_now(raw, _HEAD.pack(0x03, 0, 4) + bytes((0, 1, 1, 3)))
+    try:
+        raw.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    rx.rejected = True
+    rx.deadline = min(rx.deadline, _time.monotonic() + REJECT_LINGER)
 
 
 def _calling_allowed(dul: Any, pdu: bytearray) -> bool:
@@ -314,13 +334,13 @@ def _install_reader(dul_module: Any) -> None:
                     if rx.check_calling and rx.got >= _CALLING_END:
                         rx.check_calling = False
                         if not _calling_allowed(self, pdu):
-                            # A-ASSOCIATE-RJ: rejected-permanent, service-user, calling AE title
-                            # not recognized; the rest of the request is not waited for
-                            return _drop(self, rx, _HEAD.pack(0x03, 0, 4) + bytes((0, 1, 1, 3)))
+                            _reject_calling(self, rx, raw)
         except (BlockingIOError, InterruptedError):
             return None  # the rest has not arrived yet
         except OSError:
             return _closed(self, rx)
+        if rx.rejected:
+            return _drop(self, rx)
         rx.reset()
         lane = fastpath.lane_of(self)
         if lane is not None:
@@ -334,7 +354,10 @@ def _install_reader(dul_module: Any) -> None:
     def is_transport_event(self: Any) -> bool:
         rx = self.__dict__.get("_dtools_rx")
         if rx is not None and rx.deadline and _time.monotonic() > rx.deadline:
-            _abort(self, rx, 0x00, f"no whole PDU within {_pdu_timeout(self):g} s")
+            if rx.rejected:
+                _drop(self, rx)
+            else:
+                _abort(self, rx, 0x00, f"no whole PDU within {_pdu_timeout(self):g} s")
             return True
         return stock_transport_event(self)
 
