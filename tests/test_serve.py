@@ -29,15 +29,16 @@ from dtools.net.scu import inspect
 from dtools.net.syntaxes import contexts, split
 
 
-def make_server(tmp_path, count_handler: bool = False) -> Server:
+def make_server(tmp_path, count_handler: bool = False, **overrides) -> Server:
     """A started in-process SCP on a free port; its records go to `.emitted`. With
-    `count_handler`, `.handler_calls` lists the C-STOREs that reached pynetdicom's handler."""
+    `count_handler`, `.handler_calls` lists the C-STOREs that reached pynetdicom's handler;
+    `overrides` are ServerSettings fields."""
     home = tmp_path / "home"
     dest_port = free_port()
-    settings = ServerSettings(
-        aet="DTOOLS", bind="127.0.0.1", port=0, archive=home / "archive", index_path=home / "index.db",
-        destinations={"DEST": Peer("DEST", "127.0.0.1", dest_port)}, timeout=10,
-    )
+    settings = ServerSettings(**{
+        "aet": "DTOOLS", "bind": "127.0.0.1", "port": 0, "archive": home / "archive", "index_path": home / "index.db",
+        "destinations": {"DEST": Peer("DEST", "127.0.0.1", dest_port)}, "timeout": 10, **overrides,
+    })
     emitted: list[dict] = []
     srv = Server(settings, emitted.append)
     if count_handler:
@@ -389,7 +390,7 @@ def test_parse_command_reads_a_pynetdicom_request():
 def lane_available() -> bool:
     import pynetdicom
 
-    from dtools.net.common import TUNED_PYNETDICOM
+    from dtools.net.internals import TUNED_PYNETDICOM
 
     return str(pynetdicom.__version__).startswith(TUNED_PYNETDICOM)
 
@@ -579,7 +580,7 @@ def test_reactor_wait_does_not_swallow_a_consumers_wakeup():
     import threading
     from types import SimpleNamespace
 
-    from dtools.net.common import _reactor_sleep
+    from dtools.net.internals import _reactor_sleep
 
     q: queue.Queue = queue.Queue()
 
@@ -612,7 +613,7 @@ def test_lane_takes_only_whole_c_store_requests():
     import struct as st
     from types import SimpleNamespace
 
-    from dtools.net.fastpath import Lane, _take, encode_store_rsp, pdata_pdu
+    from dtools.net.fastpath import Lane, encode_store_rsp, pdata_pdu, take
 
     def pdu(*pdvs):
         items = b"".join(st.pack(">IBB", len(frag) + 2, cx, control) + frag for cx, control, frag in pdvs)
@@ -636,21 +637,21 @@ def test_lane_takes_only_whole_c_store_requests():
 
     lane = Lane(store, frozenset(), {1: (CTImageStorage, str(ExplicitVRLittleEndian))})
     # command and data set in one PDU
-    assert _take(fake, lane, pdu((1, 0x03, command()), (1, 0x02, b"DATA")))
+    assert take(fake, lane, pdu((1, 0x03, command()), (1, 0x02, b"DATA")))
     assert stored[-1] == (1, CTImageStorage, "1.2.3", str(ExplicitVRLittleEndian), b"DATA")
     assert sent[-1] == pdata_pdu(1, encode_store_rsp(5, 0, CTImageStorage, "1.2.3"))
     # a data set over two PDUs: stored once it is complete
-    assert _take(fake, lane, pdu((1, 0x03, command(msg_id=6))))
-    assert _take(fake, lane, pdu((1, 0x00, b"PART1-")))
+    assert take(fake, lane, pdu((1, 0x03, command(msg_id=6))))
+    assert take(fake, lane, pdu((1, 0x00, b"PART1-")))
     assert len(stored) == 1
-    assert _take(fake, lane, pdu((1, 0x02, b"PART2")))
+    assert take(fake, lane, pdu((1, 0x02, b"PART2")))
     assert stored[-1][4] == b"PART1-PART2" and len(sent) == 2
     # not for the lane: another command, an unknown context, the next message in the same
     # PDU, an empty PDU
-    assert not _take(fake, lane, pdu((1, 0x03, command(field=0x0020)), (1, 0x02, b"ID")))
-    assert not _take(fake, lane, pdu((3, 0x03, command()), (3, 0x02, b"X")))
-    assert not _take(fake, lane, pdu((1, 0x03, command()), (1, 0x02, b"X"), (1, 0x03, command())))
-    assert not _take(fake, lane, pdu())
+    assert not take(fake, lane, pdu((1, 0x03, command(field=0x0020)), (1, 0x02, b"ID")))
+    assert not take(fake, lane, pdu((3, 0x03, command()), (3, 0x02, b"X")))
+    assert not take(fake, lane, pdu((1, 0x03, command()), (1, 0x02, b"X"), (1, 0x03, command())))
+    assert not take(fake, lane, pdu())
     assert len(stored) == 2 and len(sent) == 2 and lane.command is None
 
 
@@ -688,7 +689,7 @@ def test_an_idle_accepted_association_looks_less_often():
     import threading
     from types import SimpleNamespace
 
-    from dtools.net.common import IDLE_AFTER, _reactor_sleep
+    from dtools.net.internals import IDLE_AFTER, _reactor_sleep
 
     seen = {}
 
@@ -737,7 +738,7 @@ def test_acceptor_takes_the_callers_first_syntax():
     """pynetdicom picks the acceptor's order; dserve's hook re-picks the caller's."""
     from pynetdicom.presentation import build_context, negotiate_as_acceptor
 
-    from dtools.net.hooks import prefer_caller_order
+    from dtools.net.internals.acceptor import prefer_caller_order
 
     jll, ele, ile = "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
     rq = build_context(CTImageStorage, [jll, ele, ile])

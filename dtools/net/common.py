@@ -1,19 +1,15 @@
 """Pieces both DICOM roles share: peer addresses, AE titles, TCP_NODELAY, presentation contexts.
 
 pynetdicom never sets TCP_NODELAY; without it every small PDU waits for a delayed ACK
-(10-75x slower on loopback), so every association socket we own gets it here.
+(10-75x slower on loopback), so every association socket we own gets it here. What
+dtools changes inside pynetdicom is in dtools.net.internals (tune_pynetdicom).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
-import select
 import socket
-import threading
-import time as _time
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +22,7 @@ from pydicom.uid import (
 )
 
 from ..errors import ConfigError, UsageError
+from .internals import tune_pynetdicom  # noqa: F401 - dserve's SCP imports it from here
 
 DEFAULT_AET = "DTOOLS"
 DEFAULT_PORT = 11112
@@ -47,153 +44,6 @@ def quiet_pynetdicom(level: int = logging.CRITICAL) -> None:
 
     logging.getLogger("pynetdicom").setLevel(level)
     _config.LOG_HANDLER_LEVEL = "none" if level > logging.INFO else "standard"
-
-
-POLL = 0.0002  # seconds; pynetdicom's reactors poll every 1 ms
-IDLE_POLL = 0.005  # seconds an idle reactor waits before it looks at its timers and flags again
-IDLE_AFTER = 200  # quiet looks (about 0.2 s) after which an association reactor counts as idle
-TUNED_PYNETDICOM = "3.0."  # the releases whose reactor, DIMSE and negotiation internals tune_pynetdicom was checked against
-
-
-def _waker(dul: Any) -> tuple[int, int] | None:
-    """The pipe that wakes a DUL reactor when a PDU is queued for it to send (made on first use)."""
-    wake = dul.__dict__.get("_dtools_wake")
-    if wake is None:
-        try:
-            r, w = os.pipe()
-        except OSError:  # out of file descriptors: poll instead
-            return None
-        os.set_blocking(r, False)
-        os.set_blocking(w, False)
-        wake = dul._dtools_wake = (r, w)
-        weakref.finalize(dul, _close_pipe, r, w)
-    return wake
-
-
-def _close_pipe(*fds: int) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-def _reactor_sleep(seconds: float, poll: float = POLL) -> None:
-    """time.sleep for pynetdicom's reactor threads, woken by the work they wait for.
-
-    An association's reactor sleeps 1 ms between looks at its DIMSE queue: wait on the
-    queue instead, so a request is served as soon as it is decoded. The DUL reactor
-    sleeps between looks at its socket and at the PDUs queued for it to send: wait on
-    the socket and on a pipe that send_pdu writes to, so a response leaves as soon as
-    it is queued; with neither, it still looks at its timers every IDLE_POLL seconds.
-    Other sleeps are only shortened.
-    """
-    if seconds >= 0.001:
-        t = threading.current_thread()
-        q = getattr(getattr(t, "dimse", None), "msg_queue", None)
-        if q is not None:
-            # After IDLE_AFTER quiet looks in a row, an association we accepted looks only
-            # every IDLE_POLL: idle, it then costs a few hundred wake-ups a second, not a
-            # thousand. A request still wakes it at once; a release request waits at most
-            # IDLE_POLL. Not for associations we requested: their send_*() calls wait for
-            # the reactor to pause, which it does only between looks.
-            quiet = t.__dict__.get("_dtools_quiet", 0) if getattr(t, "is_acceptor", False) else 0
-            with q.not_empty:
-                if not q._qsize():
-                    q.not_empty.wait(IDLE_POLL if quiet >= IDLE_AFTER else seconds)
-                t._dtools_quiet = 0 if q._qsize() else quiet + 1
-                if q._qsize():
-                    # The put that woke us notified one waiter: pass it on, in case a
-                    # send_*() call is blocked in get() for this very message (pynetdicom
-                    # pauses the reactor for those, but not before it may be waiting here).
-                    q.not_empty.notify()
-            return
-        sock = getattr(getattr(t, "socket", None), "socket", None)
-        if sock is not None and getattr(t, "event_queue", None) is not None:
-            wake = _waker(t)
-            try:
-                if wake is None:
-                    select.select([sock], [], [], poll)
-                    return
-                ready, _, _ = select.select([sock, wake[0]], [], [], IDLE_POLL)
-                if wake[0] in ready:
-                    os.read(wake[0], 4096)
-                return
-            except (OSError, ValueError, TypeError):
-                pass
-    _time.sleep(min(seconds, poll))
-
-
-def tune_pynetdicom(poll: float = POLL) -> None:
-    """Make pynetdicom's polling reactors react at once, and answer C-STORE with less work.
-
-    Each C-STORE otherwise waits through several 1 ms sleeps, which costs more than the
-    store itself (see _reactor_sleep); the reactors' logic is unchanged, they only look
-    again sooner. A C-STORE response (without an offending element, nobody listening for
-    sent DIMSE messages) is encoded directly into one P-DATA primitive instead of through a
-    pydicom Dataset: the same bytes (tests compare them with pynetdicom's own encoding).
-    And C-STORE requests on associations dserve accepts take the lane of
-    dtools.net.fastpath when its handler registered there.
-    """
-    import types
-
-    import pynetdicom
-    from pynetdicom import association, dimse, dul, evt, transport
-    from pynetdicom.dimse_primitives import C_STORE
-    from pynetdicom.pdu_primitives import P_DATA
-
-    from . import fastpath
-
-    if getattr(association.time, "_dtools", False):
-        return
-    if not str(pynetdicom.__version__).startswith(TUNED_PYNETDICOM):
-        # These are internals; on a version they were not checked against, run stock pynetdicom.
-        logging.getLogger("dtools").debug("pynetdicom %s: reactor tuning skipped", pynetdicom.__version__)
-        return
-    # Every accepted association deep-copies the server's ~180 presentation contexts
-    # (30 ms, most of a C-FIND's latency). Negotiation only reads them and builds new
-    # result contexts, so a new list of the same contexts is enough.
-    deep = transport.deepcopy
-    transport.deepcopy = lambda value, memo=None: list(value) if isinstance(value, list) else deep(value, memo)
-
-    queue_pdu = dul.DULServiceProvider.send_pdu
-
-    def send_pdu(self: Any, primitive: Any) -> None:
-        queue_pdu(self, primitive)
-        wake = self.__dict__.get("_dtools_wake")
-        if wake is not None:
-            try:
-                os.write(wake[1], b"\0")
-            except OSError:  # pipe full (the reactor is awake anyway) or closed
-                pass
-
-    send_msg = dimse.DIMSEServiceProvider.send_msg
-
-    def send_msg_fast(self: Any, primitive: Any, context_id: int) -> None:
-        if (type(primitive) is C_STORE and primitive.MessageIDBeingRespondedTo is not None
-                and primitive.Status is not None and primitive.OffendingElement is None
-                and primitive.AffectedSOPClassUID and primitive.AffectedSOPInstanceUID
-                and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)):
-            command = fastpath.encode_store_rsp(primitive.MessageIDBeingRespondedTo, primitive.Status,
-                                                primitive.AffectedSOPClassUID, primitive.AffectedSOPInstanceUID,
-                                                primitive.ErrorComment)
-            limit = self.maximum_pdu_size
-            if not limit or len(command) + 6 <= limit:
-                pdata = P_DATA()
-                pdata.presentation_data_value_list.append((context_id, b"\x03" + command))  # last command fragment
-                self.dul.send_pdu(pdata)
-                return
-        send_msg(self, primitive, context_id)
-
-    dul.DULServiceProvider.send_pdu = send_pdu
-    dimse.DIMSEServiceProvider.send_msg = send_msg_fast
-    fastpath.install()
-    shim = types.ModuleType("time")
-    shim.__dict__.update({k: getattr(_time, k) for k in dir(_time) if not k.startswith("__")})
-    shim.sleep = lambda s: _reactor_sleep(s, poll)  # type: ignore[attr-defined]
-    shim._dtools = True  # type: ignore[attr-defined]
-    association.time = shim
-    dul.time = shim
 
 
 def check_aet(value: str, what: str = "AE title") -> str:

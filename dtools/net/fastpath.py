@@ -1,9 +1,10 @@
-"""A direct lane for C-STORE requests on associations dserve accepts (pynetdicom 3.0.x internals).
+"""A direct lane for C-STORE requests on associations dserve accepts.
 
 pynetdicom turns every received PDU into objects, hands it from its DUL thread to the
 association thread through queues, decodes the command set with pydicom and encodes the
 response the same way: several times the work of storing a small instance. On an
-association that qualifies, this lane reads a P-DATA-TF PDU in the DUL thread, and when
+association that qualifies, this lane takes each whole P-DATA-TF PDU in the DUL thread
+(dtools.net.internals reads it, within its bounds, and hands it here), and when
 it starts a C-STORE request whose command set fits in it, collects the request's data
 set and answers it there: the command set is parsed and the response encoded with
 struct, and the store itself is dserve's own function, the one its EVT_C_STORE handler
@@ -14,7 +15,8 @@ An association qualifies when we accepted it over plain TCP, its EVT_C_STORE han
 with `register`, nobody listens to its PDU, data or DIMSE events (those would see
 nothing from this lane), and its peer accepts PDUs large enough for the response.
 A message starts in the lane only when pynetdicom has nothing of its own in progress
-on the association, so the two never interleave.
+on the association, so the two never interleave. A malformed request (a UID that is not
+ASCII or is empty) is left to pynetdicom, which dtools.net.internals makes answer 0xC210.
 """
 
 from __future__ import annotations
@@ -129,7 +131,7 @@ class Lane:
         self.data = bytearray()
 
 
-def _lane(dul: Any) -> Lane | None:
+def lane_of(dul: Any) -> Lane | None:
     """The association's lane, decided once it is established; None if it does not qualify."""
     lane = dul.__dict__.get("_dtools_lane", _FALLBACK)
     if lane is not _FALLBACK:
@@ -164,14 +166,6 @@ def _quiet_events() -> tuple[Any, ...]:
     return _QUIET_EVENTS
 
 
-def _idle(dul: Any) -> bool:
-    """pynetdicom has nothing of its own in progress on this association."""
-    assoc = dul.assoc
-    return (dul.state_machine.current_state == "Sta6" and assoc.dimse.message is None
-            and not assoc._sent_release and not dul.event_queue.qsize() and not dul._recv_pdu.qsize()
-            and not dul.to_provider_queue.qsize())
-
-
 def _pdvs(pdu: bytes | bytearray) -> list[tuple[int, int, memoryview]] | None:
     view = memoryview(pdu)
     out = []
@@ -187,52 +181,12 @@ def _pdvs(pdu: bytes | bytearray) -> list[tuple[int, int, memoryview]] | None:
     return out
 
 
-def install() -> None:
-    """Route DUL PDU reads through the lane (called by tune_pynetdicom, version-guarded there)."""
-    from pynetdicom import dul as dul_module
+def take(dul: Any, lane: Lane, pdu: bytes | bytearray) -> bool:
+    """Handle a whole P-DATA-TF PDU in the lane; False to give it to pynetdicom instead.
 
-    read_pdu = dul_module.DULServiceProvider._read_pdu_data
-
-    def read_pdu_data(self: Any) -> None:
-        lane = _lane(self)
-        if lane is None or (lane.command is None and not _idle(self)):
-            return read_pdu(self)
-        sock = self.socket
-        try:
-            head = sock.socket.recv(6, socket.MSG_PEEK)
-        except (OSError, AttributeError, ValueError):
-            head = b""
-        if len(head) < 6 or head[0] != 0x04:
-            lane.reset()  # a release, an abort, or the connection closing: pynetdicom's part
-            return read_pdu(self)
-        length = struct.unpack(">I", head[2:6])[0]
-        try:
-            pdu = sock.recv(6 + length)
-        except (OSError, TimeoutError):
-            pdu = b""
-        if len(pdu) != 6 + length:
-            log.debug("connection closed before the entire PDU was received")
-            self.event_queue.put("Evt17")
-            return
-        if not _take(self, lane, pdu):
-            _hand_over(self, pdu)
-
-    dul_module.DULServiceProvider._read_pdu_data = read_pdu_data
-
-
-def _hand_over(dul: Any, pdu: bytes | bytearray) -> None:
-    """Give a PDU the lane read to pynetdicom, as its own reader would have."""
-    try:
-        decoded, event = dul._decode_pdu(pdu)
-    except Exception:  # noqa: BLE001 - pynetdicom's reader answers an undecodable PDU so
-        dul.event_queue.put("Evt19")
-        return
-    dul.event_queue.put(event)
-    dul._recv_pdu.put(decoded)
-
-
-def _take(dul: Any, lane: Lane, pdu: bytes | bytearray) -> bool:
-    """Handle a P-DATA-TF PDU in the lane; False to give it to pynetdicom instead."""
+    dtools.net.internals reads the PDU (bounded) and calls this when pynetdicom has nothing
+    of its own in progress on the association, or the lane is in the middle of a message.
+    """
     pdvs = _pdvs(pdu)
     last = [k for k, (_cx, control, _f) in enumerate(pdvs or ()) if control & 0x03 == 0x02]
     if not pdvs or (last and last[0] != len(pdvs) - 1):

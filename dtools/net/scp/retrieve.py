@@ -1,6 +1,6 @@
 """The Retrieve service of dserve: C-MOVE to a known destination, C-GET over the caller's association.
 
-pynetdicom routes these requests here (dtools.net.hooks), so each instance goes out as
+pynetdicom routes these requests here (dtools.net.internals.acceptor), so each instance goes out as
 it is stored when the receiver accepted its transfer syntax, or converted to one it
 accepted (dtools.net.scu.send); every refusal is answered with its status and a comment.
 """
@@ -140,7 +140,7 @@ class RetrieveService:
         self.server = server
 
     def serve(self, service: Any, req: Any, context: Any, kind: str) -> None:
-        """Answer one request (called by pynetdicom's association thread, see dtools.net.hooks)."""
+        """Answer one request (called by pynetdicom's association thread, see dtools.net.internals.acceptor)."""
         r = Request(service, req, context, kind)
         try:
             ident = r.identifier()

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ...errors import ConfigError
-from .. import fastpath, hooks
+from .. import fastpath, guard
+from ..internals import acceptor as hooks
 from ..common import Peer, nodelay_handlers, quiet_pynetdicom, set_nodelay, tune_pynetdicom
 from ..indexproc import IndexProcess
 from .query import QueryService
@@ -71,6 +72,7 @@ class Server:
         self.indexer = IndexProcess(settings.index_path, emit, self._on_fatal, settings.batch,
                                     sync_files=settings.sync == "batch", records_fd=records_fd)
         self.indexer.start()  # its start-up overlaps ours; start() waits until it is ready
+        self.pending = guard.PendingConnections(guard.pending_limit(settings.max_associations))
         self.ae = self._make_ae()
         hooks.serve_retrieve(self.ae, self.retrieve.serve)
 
@@ -84,7 +86,7 @@ class Server:
 
     # -- setup ---------------------------------------------------------------------
     def _make_ae(self) -> Any:
-        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES
+        from pynetdicom import ALL_TRANSFER_SYNTAXES
         from pynetdicom.presentation import AllStoragePresentationContexts
         from pynetdicom.sop_class import (
             PatientRootQueryRetrieveInformationModelFind,
@@ -96,7 +98,7 @@ class Server:
             Verification,
         )
 
-        ae = AE(ae_title=self.s.aet)
+        ae = guard.AcceptorAE(ae_title=self.s.aet)  # counts only associations that made their request
         ae.maximum_associations = self.s.max_associations
         ae.network_timeout = self.s.timeout
         ae.acse_timeout = min(self.s.timeout, 30)
@@ -122,9 +124,10 @@ class Server:
     def handlers(self) -> list[tuple[Any, Any]]:
         from pynetdicom import evt
 
-        # C-MOVE and C-GET reach self.retrieve through dtools.net.hooks, not through events.
+        # C-MOVE and C-GET reach self.retrieve through dtools.net.internals.acceptor, not through events.
         return [
             *nodelay_handlers(),
+            (evt.EVT_CONN_OPEN, self.pending.on_open),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.storage.on_store),
             (evt.EVT_C_FIND, self.query.on_find),
@@ -176,6 +179,7 @@ class Server:
         fastpath.unregister(self.storage.on_store)
         server, self._server = self._server, None
         server.shutdown()
+        self.pending.close_all()
         deadline = time.monotonic() + grace
         # Only associations that are established get the grace period: a connection that
         # never sent an A-ASSOCIATE-RQ (a port probe) would otherwise hold it for its ACSE timeout.
@@ -204,7 +208,14 @@ class Server:
         r = assoc.requestor
         rq = getattr(r, "primitive", None)
         called = str(getattr(rq, "called_ae_title", "") or "").strip()
-        if not self.s.any_called_aet and called != self.s.aet:
+        rj = getattr(assoc.acceptor, "primitive", None)  # the A-ASSOCIATE-RJ we sent
+        known = {(1, 3): "calling AE title not allowed (--allow)",
+                 (3, 1): "too many connections waiting to associate",
+                 (3, 2): f"more than {self.s.max_associations} associations (--max-associations)"}
+        reason = known.get((getattr(rj, "result_source", None), getattr(rj, "diagnostic", None)))
+        if reason:
+            why = reason
+        elif not self.s.any_called_aet and called != self.s.aet:
             why = f"it called AE title {called!r}, not {self.s.aet!r} (see --any-called-aet)"
         elif self.s.allow and r.ae_title not in self.s.allow:
             why = "calling AE title not allowed (--allow)"

@@ -135,6 +135,9 @@ class StorageService:
             return OUT_OF_RESOURCES, "server is shutting down"
         with self.inflight:
             calling = assoc.requestor.ae_title
+            if not (sop_class.isascii() and sop_instance.isascii()):
+                log.error("C-STORE from %s refused: a UID in the request is not ASCII", calling)
+                return CANNOT_UNDERSTAND, "a UID in the request is not ASCII"
             try:
                 header = scan_header(sop_class, sop_instance, ts, calling, data)
                 if header is not None:
