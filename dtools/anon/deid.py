@@ -11,7 +11,9 @@ import datetime as dt
 import re
 from dataclasses import dataclass, field
 
-from pydicom.dataelem import DataElement
+from pydicom import config as pydicom_config
+from pydicom.dataelem import DataElement as _DataElement
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
@@ -24,6 +26,7 @@ from .pseudo import Keyring
 ISSUER_OF_PATIENT_ID = 0x00100021
 PATIENT_BIRTH_DATE = 0x00100030
 BURNED_IN_ANNOTATION = 0x00280301
+IDENTITY_REMOVED, METHOD, METHOD_CODES, TEMPORAL_MODIFIED = 0x00120062, 0x00120063, 0x00120064, 0x00280303
 STUDY_UID, SERIES_UID, SOP_UID = 0x0020000D, 0x0020000E, 0x00080018
 UID_KINDS = {STUDY_UID: "study", SERIES_UID: "series", SOP_UID: "instance"}
 
@@ -50,6 +53,11 @@ def _burned_in_classes() -> dict[str, str]:
 
 
 BURNED_IN_CLASSES = _burned_in_classes()
+
+
+def DataElement(tag: int, vr: str, value) -> _DataElement:
+    """An element danon made: its values are valid by construction, so pydicom need not check them."""
+    return _DataElement(tag, vr, value, validation_mode=pydicom_config.IGNORE)
 
 
 @dataclass
@@ -113,6 +121,7 @@ class Deidentifier:
         self.rows: list[tuple] = []
         self.shift = 0
         self.scrub: re.Pattern | None = None
+        self.method = profile.method_text(__version__)
 
     def apply(self, ds: Dataset) -> Outcome:
         """De-identify ``ds`` in place."""
@@ -174,11 +183,15 @@ class Deidentifier:
                 ds[tag] = DataElement(tag, "PN", value)
 
     def _replace_uids(self, ds: Dataset, tag: int) -> None:
-        elem = ds[tag]
-        value = elem.value
-        if value is None or value == "":
+        raw = ds.get_item(tag)
+        if isinstance(raw, RawDataElement) and isinstance(raw.value, bytes):
+            # UIDs are ASCII: split the raw value rather than have pydicom build UID objects first
+            values = raw.value.decode("ascii", "replace").split("\\")
+        else:
+            value = ds[tag].value
+            values = list(value) if isinstance(value, (MultiValue, list)) else [value]
+        if not any(str(v).strip("\0 ") for v in values):
             return
-        values = list(value) if isinstance(value, (MultiValue, list)) else [value]
         kind = UID_KINDS.get(tag, "uid")
         new = []
         for v in values:
@@ -258,8 +271,14 @@ class Deidentifier:
             ds[PATIENT_ID] = DataElement(PATIENT_ID, "LO", pseudonym)
         if PATIENT_NAME not in keep:
             ds[PATIENT_NAME] = DataElement(PATIENT_NAME, "PN", pseudonym)
-        ds.PatientIdentityRemoved = "YES"
-        ds.DeidentificationMethod = self.profile.method_text(__version__)
+        ds[IDENTITY_REMOVED] = DataElement(IDENTITY_REMOVED, "CS", "YES")
+        ds[METHOD] = DataElement(METHOD, "LO", self.method)
+        ds[METHOD_CODES] = DataElement(METHOD_CODES, "SQ", self._codes())
+        ds[TEMPORAL_MODIFIED] = DataElement(TEMPORAL_MODIFIED, "CS",
+                                            "MODIFIED" if self.options.retain_longitudinal else "REMOVED")
+
+    def _codes(self) -> Sequence:
+        """The De-identification Method Code Sequence: CID 7050 codes of the profile and options used."""
         used = [codes.DCM.BasicApplicationConfidentialityProfile]
         if self.options.retain_uids:
             used.append(codes.DCM.RetainUidsOption)
@@ -270,12 +289,11 @@ class Deidentifier:
         items = []
         for code in used:
             item = Dataset()
-            item.CodeValue = code.value
-            item.CodingSchemeDesignator = code.scheme_designator
-            item.CodeMeaning = code.meaning
+            item[0x00080100] = DataElement(0x00080100, "SH", code.value)
+            item[0x00080102] = DataElement(0x00080102, "SH", code.scheme_designator)
+            item[0x00080104] = DataElement(0x00080104, "LO", code.meaning)
             items.append(item)
-        ds.DeidentificationMethodCodeSequence = Sequence(items)
-        ds.LongitudinalTemporalInformationModified = "MODIFIED" if self.options.retain_longitudinal else "REMOVED"
+        return Sequence(items)
 
 
 def _vr(ds: Dataset, tag: int) -> str:

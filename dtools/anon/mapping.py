@@ -44,7 +44,6 @@ class Mapping:
             # a pseudonym printed on stdout must be linkable even after a power cut
             self.conn.execute("PRAGMA synchronous = FULL")
             self.conn.executescript(SCHEMA)
-            # this run's SOP instances, to write a copy once when the same one comes twice
             self.conn.execute("CREATE TEMP TABLE IF NOT EXISTS seen (uid TEXT PRIMARY KEY) WITHOUT ROWID")
         except sqlite3.DatabaseError as exc:
             raise ConfigError(f"{self.path}: cannot open the mapping table ({exc}); is it a danon anon.db?") from None
@@ -54,15 +53,9 @@ class Mapping:
             except OSError:
                 pass
 
-    def first_time(self, sop: str) -> bool:
-        """True the first time this run sees ``sop`` (bounded memory: a temporary table on disk)."""
-        cur = self.conn.execute("INSERT OR IGNORE INTO seen (uid) VALUES (?)", (sop,))
-        return cur.rowcount == 1
-
-    def add(self, key_id: str, rows: list[tuple]) -> None:
-        """Record (kind, pseudonym, original, issuer, shift_days) rows in one transaction."""
-        if not rows:
-            return
+    def add(self, key_id: str, rows: list[tuple], sops: list[str]) -> list[bool]:
+        """Record (kind, pseudonym, original, issuer, shift_days) rows, and say for each of ``sops``
+        whether this run meets it for the first time; one transaction for a whole batch."""
         now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.conn.execute("BEGIN IMMEDIATE")
         try:
@@ -73,10 +66,15 @@ class Mapping:
                 "WHERE pseudonym.kind = 'uid' AND excluded.kind != 'uid'",
                 [(key_id, p, kind, orig, issuer, shift, now) for kind, p, orig, issuer, shift in rows],
             )
+            # this run's SOP instances (a temporary table on disk: bounded memory), so that the same
+            # instance given twice is written once
+            first = [self.conn.execute("INSERT OR IGNORE INTO seen (uid) VALUES (?)", (sop,)).rowcount == 1
+                     for sop in sops]
             self.conn.execute("COMMIT")
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
+        return first
 
     def close(self) -> None:
         self.conn.close()

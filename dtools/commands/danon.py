@@ -143,11 +143,11 @@ class Run:
         try:
             sync_tree(self.out, [w.tmp for _p, w in batch])
             rows = list(dict.fromkeys(row for _p, w in batch for row in w.rows))
-            self.mapping.add(self.keyring.key_id, rows)
+            first = self.mapping.add(self.keyring.key_id, rows, [w.record["SOPInstanceUID"] for _p, w in batch])
             placed = []
             made: set[str] = set()
-            for path, w in batch:
-                if not self.mapping.first_time(w.record["SOPInstanceUID"]):
+            for (path, w), new in zip(batch, first):
+                if not new:
                     os.unlink(w.tmp)
                     self.duplicates += 1
                     self.app.info(f"{path}: the same SOP instance as an earlier input; its copy is written once")
@@ -237,14 +237,16 @@ def danon(app: cli.App, paths, out, retain_longitudinal, retain_uids, clean_desc
     mapping = Mapping(app.home / MAPPING_FILE)
     jobs = jobs or os.cpu_count() or 1
     run = Run(app, out_dir, mapping, keyring, (os.getpid(), profile, keyring.key, str(out_dir), allow_burned_in), jobs)
-    real_out = os.path.realpath(out_dir)
+    real_out = os.path.realpath(out_dir) + os.sep
     walker = Walker(app)
 
     def offer_tree(top: str) -> None:
+        # the files under --out are copies: skip them (one realpath per argument, not per file)
+        real_top = os.path.realpath(top)
         for path, _st in walker.walk(top):
-            real = os.path.realpath(path)
-            if real == real_out or real.startswith(real_out + os.sep):
-                if os.path.abspath(top) == os.path.abspath(path):  # named explicitly: say why it is skipped
+            real = real_top + path[len(top):]
+            if (real + os.sep).startswith(real_out):
+                if path == top:  # named explicitly: say why it is skipped
                     app.fail(path, f"is inside --out {out}; a copy is not de-identified again")
                 continue
             run.offer(path)
