@@ -482,3 +482,15 @@ def test_a_killed_run_leaves_no_partial_file(many, tmp_path, sig):
     assert again.returncode == 0, again.stderr
     assert len(corpus_files(out)) == len(many) == len(again.records)
     assert not (out / ".danon-tmp").exists()
+
+
+def test_a_closed_stdout_ends_the_run_quietly(many, tmp_path):
+    proc = subprocess.Popen([cmd_path("danon"), "--home", str(tmp_path / "home"), "--out", str(tmp_path / "o"),
+                             *map(str, many)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline()  # like '| head -1'
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "internal error" not in err
+    assert not list((tmp_path / "o" / ".danon-tmp").glob("*")) if (tmp_path / "o" / ".danon-tmp").exists() else True

@@ -105,7 +105,7 @@ def deidentify_file(path: str, deid: Deidentifier, out: str, parent: int, allow_
         raise
     except RecursionError:
         raise InputError("sequences nested too deeply to de-identify") from None
-    except OSError as exc:
+    except OSError:
         raise  # the output directory: the command reports it and stops
     except Exception as exc:
         raise InputError(f"cannot de-identify ({_why(exc)})") from None

@@ -38,7 +38,9 @@ class Mapping:
         self.path = Path(path)
         try:
             _create_private(self.path)
-            self.conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+            # used by danon's committer thread, one thread at a time
+            self.conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000,
+                                        check_same_thread=False)
             self.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             enable_wal(self.conn)
             # a pseudonym printed on stdout must be linkable even after a power cut

@@ -2,31 +2,34 @@
 
     dsearch --level instance Modality=MR | danon --out /exports/mr | dseal --to research
 
-Worker processes read, de-identify and stage each copy; this process makes each batch
-durable, records its pseudonyms in the mapping table, renames the copies into place and
-only then prints their records.
+Worker processes read, de-identify and stage each copy; a committer thread of this
+process makes each batch durable, records its pseudonyms in the mapping table, renames
+the copies into place and only then prints their records, while the workers go on.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import signal
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import click
+from pydicom.datadict import tag_for_keyword
 
 from .. import cli
 from ..anon.deid import Deidentifier
-from ..anon.files import Written, deidentify_file, remove_temporaries, staging_dir, sync_tree
+from ..anon.files import STAGING, Written, deidentify_file, remove_temporaries, staging_dir, sync_tree
 from ..anon.mapping import FILE as MAPPING_FILE
 from ..anon.mapping import Mapping
 from ..anon.profile import Options, Profile, keep_tags, load_table
 from ..anon.pseudo import Keyring, load_keyring
 from ..config import SUBDIRS
-from ..errors import ConfigError, InputError, TempFailure, UsageError
+from ..errors import InputError, TempFailure, UsageError
 from .dindex import _FORK_SIGNALS, IDLE, Walker, _stdin_records, _worker_init
 
 CHUNK = 32  # files per task sent to a worker
@@ -82,6 +85,10 @@ class Run:
         self.batch_started = time.monotonic()
         self.written = self.duplicates = self.no_patient_id = 0
         self.advance = lambda n=1, total=None: None
+        self.handed: queue.Queue = queue.Queue(maxsize=2)
+        self.committer: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.stopping = False
         if jobs == 1:
             _setup(*init_args)
 
@@ -129,17 +136,45 @@ class Run:
             self.commit()
 
     def drain(self) -> None:
+        """Everything offered so far is in place and printed (or failed) when this returns."""
         self._dispatch()
         while self.inflight:
             self._collect_one()
         self.commit()
+        self.handed.join()
+        self._check()
 
     def commit(self) -> None:
-        """Durable copies, then their pseudonyms in the mapping, then the names, then the records."""
+        """Hand the batch to the committer thread, so that the workers get new files while it syncs."""
         batch, self.batch = self.batch, []
         self.batch_started = time.monotonic()
         if not batch:
             return
+        self._check()
+        if self.committer is None:
+            self.committer = threading.Thread(target=self._commit_loop, name="danon-commit", daemon=True)
+            self.committer.start()
+        self.handed.put(batch)  # waits while two batches are already waiting: the workers slow down
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _commit_loop(self) -> None:
+        while True:
+            batch = self.handed.get()
+            try:
+                if batch is None:
+                    return
+                if self.error is None and not self.stopping:
+                    self._commit(batch)
+            except BaseException as exc:  # re-raised in the main thread (BrokenPipeError too)
+                self.error = exc
+            finally:
+                self.handed.task_done()
+
+    def _commit(self, batch: list[tuple[str, Written]]) -> None:
+        """Durable copies, then their pseudonyms in the mapping, then the names, then the records."""
         try:
             sync_tree(self.out, [w.tmp for _p, w in batch])
             rows = list(dict.fromkeys(row for _p, w in batch for row in w.rows))
@@ -169,9 +204,16 @@ class Run:
             self.app.emit(w.record)
 
     def close(self) -> None:
+        """Stop the workers and the committer; a batch being committed is finished, the others'
+        temporary files are left for the caller to remove."""
+        self.stopping = True
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
+        if self.committer is not None:
+            self.handed.put(None)
+            self.committer.join()
+            self.committer = None
 
 
 def _check_out(app: cli.App, out_arg: str) -> Path:
@@ -225,7 +267,7 @@ def danon(app: cli.App, paths, out, retain_longitudinal, retain_uids, clean_desc
     table = load_table()
     profile = Profile.build(table, options)
     for kw in keep:
-        code = table.code(int(keep_tags([kw]).__iter__().__next__()))
+        code = table.code(tag_for_keyword(kw.strip()) or 0)
         if code is not None:
             app.err(f"warning: --keep {kw} keeps an attribute the profile would {_VERB.get(code[0], 'change')}; "
                     "make sure the study protocol allows it")
@@ -290,7 +332,7 @@ _VERB = {"X": "remove", "Z": "empty", "D": "replace", "U": "replace", "C": "clea
 
 def _remove_empty_staging(out: Path) -> None:
     try:
-        os.rmdir(out / ".danon-tmp")
+        os.rmdir(out / STAGING)
     except OSError:
         pass  # another run is using it, or it holds a killed run's temporaries
 
