@@ -3,8 +3,9 @@
     dsearch --level instance Modality=MR | danon --out /exports/mr | dseal --to research
 
 Worker processes read, de-identify and stage each copy; a committer thread of this
-process makes each batch durable, records its pseudonyms in the mapping table, renames
-the copies into place and only then prints their records, while the workers go on.
+process makes each batch durable, records its pseudonyms in the mapping table and
+renames the copies into place while the workers go on; only then does the main thread
+print their records.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ class Run:
         self.batch_started = time.monotonic()
         self.written = self.duplicates = self.no_patient_id = 0
         self.advance = lambda n=1, total=None: None
-        self.handed: queue.Queue = queue.Queue(maxsize=2)
+        self.handed: queue.Queue = queue.Queue(maxsize=2)  # batches for the committer
+        self.ready: queue.Queue = queue.Queue()  # what it has put in place, to print
         self.committer: threading.Thread | None = None
         self.error: BaseException | None = None
         self.stopping = False
@@ -134,6 +136,7 @@ class Run:
             self.batch.append((path, result))
         if len(self.batch) >= BATCH or time.monotonic() - self.batch_started >= BATCH_SECONDS:
             self.commit()
+        self._print_ready()
 
     def drain(self) -> None:
         """Everything offered so far is in place and printed (or failed) when this returns."""
@@ -143,6 +146,7 @@ class Run:
         self.commit()
         self.handed.join()
         self._check()
+        self._print_ready()
 
     def commit(self) -> None:
         """Hand the batch to the committer thread, so that the workers get new files while it syncs."""
@@ -168,7 +172,7 @@ class Run:
                     return
                 if self.error is None and not self.stopping:
                     self._commit(batch)
-            except BaseException as exc:  # re-raised in the main thread (BrokenPipeError too)
+            except BaseException as exc:  # re-raised in the main thread
                 self.error = exc
             finally:
                 self.handed.task_done()
@@ -180,12 +184,13 @@ class Run:
             rows = list(dict.fromkeys(row for _p, w in batch for row in w.rows))
             first = self.mapping.add(self.keyring.key_id, rows, [w.record["SOPInstanceUID"] for _p, w in batch])
             placed = []
+            out: list[tuple[str, object]] = []
             made: set[str] = set()
             for (path, w), new in zip(batch, first):
                 if not new:
                     os.unlink(w.tmp)
                     self.duplicates += 1
-                    self.app.info(f"{path}: the same SOP instance as an earlier input; its copy is written once")
+                    out.append(("note", f"{path}: the same SOP instance as an earlier input; its copy is written once"))
                     continue
                 parent = os.path.dirname(w.target)
                 if parent not in made:
@@ -199,9 +204,23 @@ class Run:
         except OSError as exc:
             raise TempFailure(f"{self.out}: cannot write ({exc.strerror or exc}); free space or fix permissions, "
                               "then run again") from None
-        for w in placed:
-            self.written += 1
-            self.app.emit(w.record)
+        out.extend(("record", w.record) for w in placed)
+        self.ready.put(out)
+
+    def _print_ready(self) -> None:
+        """Print what the committer has put in place. Only the main thread writes to stdout, so
+        that a reader that stops reading cannot hold up Ctrl-C or SIGTERM."""
+        while True:
+            try:
+                items = self.ready.get_nowait()
+            except queue.Empty:
+                return
+            for what, item in items:
+                if what == "record":
+                    self.written += 1
+                    self.app.emit(item)
+                else:
+                    self.app.info(item)
 
     def close(self) -> None:
         """Stop the workers and the committer; a batch being committed is finished, the others'
