@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from .. import security
 from ..dicom.archive import archive_path, fsync_dir, fsync_path
 from ..dicom.header import _looks_like_dataset_start
 from ..errors import InputError
@@ -94,7 +95,7 @@ def deidentify_file(path: str, deid: Deidentifier, out: str, parent: int, allow_
             ds.file_meta = meta
             ds.preamble = b"\0" * 128  # a preamble can hold a TIFF header with the patient's name
             tmp = Path(out) / STAGING / f".{parent}.{secrets.token_hex(8)}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), security.file_mode())
             try:
                 with os.fdopen(fd, "wb") as f:
                     ds.save_as(f, enforce_file_format=True)
