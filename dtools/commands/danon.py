@@ -263,8 +263,9 @@ changed. One instance record is printed per copy, with its new path and UIDs. Ps
 are stable: the same patient, study, series and instance always get the same ones under
 the site's key (HOME/keys/anon.key), and HOME/anon.db maps them back.""")
 @click.argument("paths", nargs=-1, type=click.Path())
-@click.option("--out", "out", required=True, metavar="DIR",
-              help="Directory for the copies (OUT/<Study>/<Series>/<SOP>.dcm); not inside the home's archive.")
+@click.option("--out", "out", default=None, metavar="DIR",
+              help="Directory for the copies, OUT/<Study>/<Series>/<SOP>.dcm (required); not inside the home's "
+                   "archive.")
 @click.option("--retain-longitudinal", is_flag=True,
               help="Shift dates by a per-patient offset instead of removing them (intervals survive).")
 @click.option("--retain-uids", is_flag=True, help="Keep the original UIDs (off by default: they are replaced).")
@@ -281,6 +282,8 @@ the site's key (HOME/keys/anon.key), and HOME/anon.db maps them back.""")
               help="Worker processes [default: number of CPUs].")
 def danon(app: cli.App, paths, out, retain_longitudinal, retain_uids, clean_descriptions, keep, salt,
           allow_burned_in, null, jobs):
+    if not out:
+        raise UsageError("say where the de-identified copies go: --out DIR")
     options = Options(retain_uids=retain_uids, retain_longitudinal=retain_longitudinal,
                       clean_descriptions=clean_descriptions, keep=keep_tags(keep))
     table = load_table()
