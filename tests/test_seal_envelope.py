@@ -459,3 +459,24 @@ def test_early_writeback_while_sealing_and_opening_keeps_bytes_identical(sites, 
     result = sites["site-b"].opener().open(target)
     assert len(calls) > sealed_calls
     assert [Path(r["path"]).read_bytes() for r in result.records] == [f.read_bytes() for f in files]
+
+
+def test_message_entries_travel_beside_files_and_stay_out_of_the_archive(sites, study, tmp_path):
+    _uid, files = study
+    body = b'{"kind":"catalog","rows":[]}'
+    entries = entries_for(files[:1]) + [envelope.Entry.message("catalog", body)]
+    env = seal_file(tmp_path, sites["site-a"], ["site-b"], files, entries=entries)
+    result = sites["site-b"].opener().open(env)
+    assert result.messages == [("catalog", body)]
+    assert [Path(r["path"]).read_bytes() for r in result.records] == [files[0].read_bytes()]
+    assert len(sites["site-b"].archive_files()) == 1
+
+
+@pytest.mark.parametrize("entry", [
+    {"type": "message", "kind": "Catalog", "name": "message.json", "size": 2},
+    {"type": "message", "kind": "catalog", "name": "../x", "size": 2},
+    {"type": "message", "kind": "catalog", "name": "message.json", "size": 1 << 40},
+])
+def test_bad_message_entries_are_refused(entry):
+    with pytest.raises(InputError, match="message"):
+        envelope.Entry.from_json(orjson.dumps(entry))

@@ -8,6 +8,7 @@ in chunks, and hashing runs on a worker thread beside the cipher.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,11 +173,14 @@ def seal(out: IO[bytes], envelope_id: str, entries: list[Entry], *,
             meta = entry.to_json()
             writer.write(ENTRY_LEN.pack(len(meta)) + meta)
             h = _sha256()
-            assert entry.source is not None
-            try:
-                f = open(entry.source, "rb")
-            except OSError as exc:
-                raise InputError(f"{entry.source}: cannot read ({exc.strerror})") from None
+            if entry.data is not None:  # a message: its bytes are in memory
+                f = io.BytesIO(entry.data)
+            else:
+                assert entry.source is not None
+                try:
+                    f = open(entry.source, "rb")
+                except OSError as exc:
+                    raise InputError(f"{entry.source}: cannot read ({exc.strerror})") from None
             with f:
                 try:
                     writer.copy_from(f, entry.size, h, advance)
@@ -422,9 +426,10 @@ def open_envelope(f: IO[bytes], size: int, staging: Path, *, identity: Identity 
             if mlen > MAX_ENTRY:
                 raise InputError("payload entry header is too long (damaged envelope)")
             entry = Entry.from_json(reader.read_exact(mlen))
-            if entry.SOPInstanceUID in seen:
-                raise InputError(f"payload holds SOPInstanceUID {entry.SOPInstanceUID} twice")
-            seen.add(entry.SOPInstanceUID)
+            if not entry.is_message:
+                if entry.SOPInstanceUID in seen:
+                    raise InputError(f"payload holds SOPInstanceUID {entry.SOPInstanceUID} twice")
+                seen.add(entry.SOPInstanceUID)
             tmp = staging / f"{index:06d}.part"
             index += 1
             h = _sha256()

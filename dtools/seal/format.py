@@ -56,6 +56,9 @@ _ARGON2_LIMITS = {"t": (1, 16), "m": (8192, 1 << 20), "p": (1, 16)}
 ENTRY_LEN = struct.Struct(">I")
 MAX_ENTRY = 64 * 1024
 MAX_FILE = 1 << 42
+MAX_MESSAGE = 1 << 30
+MESSAGE_NAME = "message.json"
+_KIND = re.compile(r"^[a-z][a-z-]{0,31}$")
 _HEX_ID = re.compile(r"^[0-9a-f]{32}$")
 _FP = re.compile(r"^[0-9a-f]{32}$")
 
@@ -98,7 +101,9 @@ def _nonce(counter: int, last: bool) -> bytes:
 # -- the payload entries ---------------------------------------------------------------
 @dataclass
 class Entry:
-    """One file in an envelope; ``name`` is its place in the archive layout."""
+    """One item in an envelope: a DICOM file (``name`` is its place in the archive layout) or,
+    with ``type`` "message", a JSON message of some ``kind`` (a catalog update, a query, an
+    answer...), which has no name in any file system."""
 
     StudyInstanceUID: str
     SeriesInstanceUID: str
@@ -107,12 +112,29 @@ class Entry:
     name: str = ""
     source: Path | None = None  # seal side: where the bytes come from
     mtime_ns: int = 0  # seal side: the source's mtime, for the per-peer memory of what was sealed
+    type: str = "file"
+    kind: str = ""  # messages: what they are
+    data: bytes | None = None  # seal side, messages: the bytes themselves
 
     def __post_init__(self) -> None:
         if not self.name:
-            self.name = f"{self.StudyInstanceUID}/{self.SeriesInstanceUID}/{self.SOPInstanceUID}.dcm"
+            self.name = (MESSAGE_NAME if self.type == "message"
+                         else f"{self.StudyInstanceUID}/{self.SeriesInstanceUID}/{self.SOPInstanceUID}.dcm")
+
+    @classmethod
+    def message(cls, kind: str, data: bytes) -> "Entry":
+        if not _KIND.match(kind):
+            raise ValueError(f"bad message kind {kind!r}")
+        return cls("", "", "", len(data), type="message", kind=kind, data=data)
+
+    @property
+    def is_message(self) -> bool:
+        return self.type == "message"
 
     def to_json(self) -> bytes:
+        if self.is_message:
+            return orjson.dumps({"type": "message", "kind": self.kind, "name": self.name, "size": self.size},
+                                option=orjson.OPT_SORT_KEYS)
         return orjson.dumps({
             "type": "file",
             "name": self.name,
@@ -134,6 +156,14 @@ class Entry:
         name = obj.get("name")
         if kind in ("link", "symlink", "hardlink"):
             raise InputError(f"payload entry {str(name)[:80]!r} is a link; links are not accepted")
+        size = obj.get("size")
+        if kind == "message":
+            what = obj.get("kind")
+            if not isinstance(what, str) or not _KIND.match(what) or name != MESSAGE_NAME:
+                raise InputError("payload message entry has no valid kind or name")
+            if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_MESSAGE:
+                raise InputError(f"payload {what} message has an invalid size")
+            return cls("", "", "", size, MESSAGE_NAME, type="message", kind=what)
         if kind != "file":
             raise InputError(f"payload entry {str(name)[:80]!r} has unknown type {str(kind)[:20]!r}")
         if not isinstance(name, str):
@@ -144,11 +174,9 @@ class Entry:
         sop = check_uid(obj.get("SOPInstanceUID"), "SOPInstanceUID")
         if name != f"{study}/{series}/{sop}.dcm":
             raise InputError(f"payload entry name {name[:80]!r} does not match its UIDs")
-        size = obj.get("size")
         if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_FILE:
             raise InputError(f"payload entry {name[:80]!r} has an invalid size")
         return cls(study, series, sop, size, name)
-
 
 
 def build_header(envelope_id: str, sender: str, recipients: list[str], *, mode: str,

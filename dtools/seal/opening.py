@@ -42,6 +42,7 @@ class OpenResult:
     refused: list[tuple[str, str]] = field(default_factory=list)  # (SOPInstanceUID, why): not placed
     replaced: list[tuple[str, str]] = field(default_factory=list)  # (SOPInstanceUID, where the old one went)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, why): placed but not indexed
+    messages: list[tuple[str, bytes]] = field(default_factory=list)  # (kind, JSON) of the message entries
 
 
 @dataclass
@@ -181,8 +182,11 @@ class Opener:
                 try:
                     opened = envelope.open_envelope(f, st.st_size, staging, identity=self.identity, peers=self.peers,
                                                     passphrase=self.passphrase, advance=advance)
-                    headers = [_check_payload(entry, tmp) for entry, tmp, _digest in opened.files]
+                    headers = [None if entry.is_message else _check_payload(entry, tmp)
+                               for entry, tmp, _digest in opened.files]
                     result = OpenResult(header.envelope_id, [], None, opened.peer, opened.sha256)
+                    result.messages = [(entry.kind, tmp.read_bytes()) for entry, tmp, _ in opened.files
+                                       if entry.is_message]
                     placed = self._commit(opened, result)
                     if record:
                         self._index(result, placed, headers)
@@ -209,14 +213,19 @@ class Opener:
     def _commit(self, opened: envelope.Opened, result: OpenResult) -> list[int]:
         """Move the staged files into the archive; returns the indexes of the files placed."""
         # Check every target first, so a bad one leaves the archive untouched.
-        targets = []
+        targets: list[Path | None] = []
         for entry, _tmp, _digest in opened.files:
+            if entry.is_message:
+                targets.append(None)
+                continue
             target = archive_path(self.archive, entry.StudyInstanceUID, entry.SeriesInstanceUID, entry.SOPInstanceUID)
             _check_no_links(self.archive, target)
             targets.append(target)
         placed = []
         touched: dict[Path, None] = {}  # directories whose entries changed, in order
         for i, ((entry, tmp, digest), target) in enumerate(zip(opened.files, targets)):
+            if target is None:
+                continue
             if target.exists():
                 if target.stat().st_size == entry.size and _file_sha256(target) == digest:
                     self.log(f"{target}: already in the archive with the same content")
