@@ -4,7 +4,9 @@ Version 1 was the relay ledger (deposits, receipts, received envelopes). Version
 the whole exchange state: what was sealed for whom, what was opened and whether its receipt
 is owed, which peer each archived instance came from, and what was set aside. The state of
 each envelope is also kept on its ``sealed`` and ``received`` row, and partial indexes hold
-the few that still wait, so that dstatus reads a hundred thousand envelopes in milliseconds.
+the few that still wait, so that dstatus reads a hundred thousand envelopes in milliseconds. Version 3 adds the
+requests this site sent and served through the relay, and the state of its catalog as
+published to each peer.
 """
 
 SCHEMA = [
@@ -70,5 +72,24 @@ SCHEMA = [
         id INTEGER PRIMARY KEY, at REAL NOT NULL, sender TEXT, what TEXT NOT NULL, reason TEXT NOT NULL,
         place TEXT NOT NULL);
     CREATE INDEX quarantine_sender ON quarantine (sender);
+    """,
+    # 3: searching and retrieving through the relay
+    """
+    CREATE TABLE requests (
+        request_id TEXT PRIMARY KEY, peer TEXT NOT NULL, kind TEXT NOT NULL, envelope_id TEXT NOT NULL,
+        created_at REAL NOT NULL, expires_at REAL NOT NULL, subject TEXT,
+        answered_at REAL, status TEXT NOT NULL DEFAULT 'pending', answer TEXT);
+    CREATE INDEX requests_peer ON requests (peer, status);
+    CREATE TABLE served (
+        request_id TEXT PRIMARY KEY, peer TEXT NOT NULL, kind TEXT NOT NULL, received_at REAL NOT NULL,
+        answered_at REAL, status TEXT NOT NULL DEFAULT 'received', reason TEXT);
+    CREATE INDEX served_peer ON served (peer, status);
+    CREATE TABLE catalog_rows (
+        level TEXT NOT NULL, uid TEXT NOT NULL, hash TEXT NOT NULL, version INTEGER NOT NULL,
+        removed INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (level, uid));
+    CREATE INDEX catalog_rows_version ON catalog_rows (version);
+    CREATE TABLE catalog_peers (
+        peer TEXT PRIMARY KEY, published_version INTEGER NOT NULL DEFAULT 0, published_at REAL);
+    ALTER TABLE received ADD COLUMN channel TEXT NOT NULL DEFAULT 'envelope';
     """,
 ]
