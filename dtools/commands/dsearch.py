@@ -59,13 +59,20 @@ syntax) over every text attribute. Prints one record per match at --level.""")
 @click.option("--count", "count_only", is_flag=True, help="Print only the number of matches.")
 @click.option("--table", is_flag=True, help="Print a table for people instead of records.")
 @click.option("--quote", is_flag=True, help="Treat free-text words literally (no FTS5 operators).")
-def dsearch(app: cli.App, terms, keys, level, fields, limit, offset, count_only, table, quote):
+@click.option("--peer", "peer", metavar="NAME", default=None,
+              help="Search this peer's archive instead of this site's ('all' for every peer).")
+@click.option("--live", is_flag=True, help="With --peer: ask the peer itself through the relay and wait for its answer.")
+@click.option("--wait", "wait", metavar="AGE", default="30s", show_default=True,
+              help="With --live: how long to wait for the answers (e.g. 30s, 2m).")
+def dsearch(app: cli.App, terms, keys, level, fields, limit, offset, count_only, table, quote, peer, live, wait):
     pairs, words = split_terms(terms, keys)
     text = (quote_words(words) if quote else " ".join(words)) or None
     field_list = [f.strip() for spec in fields for f in spec.split(",") if f.strip()]
     for f in field_list:
         if normalize_key(f) not in KEY_LEVEL:
             raise UsageError(f"unknown field {f!r}; fields are: {allowed_keys_text()}")
+    if live:
+        return _live(app, peer, level, pairs, text, field_list, limit, offset, count_only, table, wait)
     q = parse_keys(level, pairs, text)
     conn = open_index(app.config.index_path, readonly=True)
     try:
@@ -85,6 +92,32 @@ def dsearch(app: cli.App, terms, keys, level, fields, limit, offset, count_only,
     finally:
         conn.close()
     return None
+
+
+def _live(app, peer, level, pairs, text, field_list, limit, offset, count_only, table, wait):
+    from ..mail.common import parse_age
+    from ..remote.live import check_live_options, live_search
+
+    if not peer:
+        raise UsageError("--live asks a peer: give --peer NAME (or --peer all)")
+    check_live_options(count_only, offset)
+    configured = sorted(app.config.section("peers"))
+    peers = configured if peer == "all" else [peer]
+    for p in peers:
+        if p not in configured:
+            raise UsageError(f"--peer {p}: not a configured peer; configured: {', '.join(configured) or 'none'}")
+    wanted = [normalize_key(f) for f in field_list] or None
+
+    def show(records):
+        if wanted:
+            records = [{"kind": r["kind"], "peer": r["peer"], **{k: r.get(k) for k in wanted}} for r in records]
+        if table:
+            _print_table(app, level, records, ["peer"] + (wanted or TABLE_FIELDS[level]))
+            return
+        for rec in records:
+            app.emit(rec)
+
+    return live_search(app, peers, level, pairs, text, limit, parse_age(wait, "--wait"), show)
 
 
 def _print_table(app: cli.App, level: str, results, columns: list[str]) -> None:

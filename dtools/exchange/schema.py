@@ -91,5 +91,8 @@ SCHEMA = [
     CREATE TABLE catalog_peers (
         peer TEXT PRIMARY KEY, published_version INTEGER NOT NULL DEFAULT 0, published_at REAL);
     ALTER TABLE received ADD COLUMN channel TEXT NOT NULL DEFAULT 'envelope';
+    ALTER TABLE sent ADD COLUMN kind TEXT NOT NULL DEFAULT 'envelope';
+    ALTER TABLE sealed ADD COLUMN request_id TEXT;
+    ALTER TABLE received ADD COLUMN request_id TEXT;
     """,
 ]

@@ -21,7 +21,7 @@ _WAITING = ("SELECT peer, count(*), sum(deposited_at IS NULL), min(sealed_at) FR
             " WHERE receipt_at IS NULL AND lost_at IS NULL GROUP BY peer")
 _LAST_RECEIPT = "SELECT max(receipt_at) FROM sealed WHERE peer = ?"
 _PENDING = ("SELECT sender, sum(quarantined_at IS NULL AND removed_at IS NULL), sum(quarantined_at IS NOT NULL)"
-            " FROM received WHERE opened_at IS NULL GROUP BY sender")
+            " FROM received WHERE opened_at IS NULL AND channel = 'envelope' GROUP BY sender")
 _SENDERS = "SELECT DISTINCT sender FROM received"
 _LAST_RECEIVED = "SELECT max(received_at) FROM received WHERE sender = ?"
 _OTHERS = {
