@@ -171,15 +171,16 @@ def _take_delivery(app: cli.App, asker, requests: dict, deadline: float) -> int 
     finally:
         taker.close()
     # What arrived: the instance records of every study and series asked for, from the index.
-    conn = open_index(app.config.index_path, readonly=True)
-    try:
-        for rid, (peer, studies, series) in requests.items():
-            for key, uids in (("StudyInstanceUID", studies), ("SeriesInstanceUID", series)):
-                for uid in uids:
-                    for rec in find(conn, "instance", {key: uid}):
-                        app.emit({**rec, "peer": peer, "request_id": rid})
-    finally:
-        conn.close()
+    if app.config.index_path.exists():
+        conn = open_index(app.config.index_path, readonly=True)
+        try:
+            for rid, (peer, studies, series) in requests.items():
+                for key, uids in (("StudyInstanceUID", studies), ("SeriesInstanceUID", series)):
+                    for uid in uids:
+                        for rec in find(conn, "instance", {key: uid}):
+                            app.emit({**rec, "peer": peer, "request_id": rid})
+        finally:
+            conn.close()
     for rid in silent:
         app.err(f"{requests[rid][0]} did not answer retrieve request {rid} in time; is 'dserve --relay' running "
                 "there? The request stays valid until it expires; run again with a longer --wait")

@@ -110,7 +110,8 @@ def _live(app, peer, level, pairs, text, field_list, limit, offset, count_only, 
 
     def show(records):
         if wanted:
-            records = [{"kind": r["kind"], "peer": r["peer"], **{k: r.get(k) for k in wanted}} for r in records]
+            records = [{"kind": r["kind"], "peer": r["peer"], "answered_at": r["answered_at"],
+                        **{k: r.get(k) for k in wanted}} for r in records]
         if table:
             _print_table(app, level, records, ["peer"] + (wanted or TABLE_FIELDS[level]))
             return

@@ -350,6 +350,7 @@ class Ledger:
         self.db.execute("UPDATE served SET status=?, reason=?, answered_at=? WHERE request_id=?",
                         (status, reason, time.time(), request_id))
 
+
 def db_path(path: str) -> str | bytes:
     """A file path as the ledger keeps it: text, or its raw bytes when the name is not UTF-8
     (SQLite text must be valid UTF-8; compare against db_path() of a path, never the path)."""
