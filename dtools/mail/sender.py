@@ -41,7 +41,9 @@ class Sender:
         self.insecure = insecure
         self._boxes: dict[RelayURL, Mailbox] = {}
 
-    def mailbox(self, peer: str) -> tuple[RelayURL, Mailbox]:
+    def mailbox(self, peer: str | None) -> tuple[RelayURL, Mailbox]:
+        """The open mailbox where ``peer``'s folders are (None: this site's own account);
+        one connection per relay account, shared."""
         url, key = relay_for(self.config, self.relay_flag, peer)
         box = self._boxes.get(url)
         if box is None:

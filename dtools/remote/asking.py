@@ -19,7 +19,6 @@ from ..errors import InputError
 from ..exchange.ledger import Ledger, ledger_path
 from ..mail import message as msg
 from ..mail.receiver import Receiver
-from ..mail.relay import open_mailbox, relay_for
 from ..mail.sender import Sender, require_site
 from ..seal.keys import load_identity, load_peers
 from . import transport as t
@@ -44,9 +43,7 @@ class Asker:
         self.answers: dict[str, tuple[str, dict]] = {}  # request id -> (kind, body)
 
     def close(self) -> None:
-        self.sender.close()
-        if self._box is not None:
-            self._box.close()
+        self.sender.close()  # closes the answers' connection too
         self.ledger.close()
 
     # -- asking ----------------------------------------------------------------------
@@ -82,8 +79,8 @@ class Asker:
 
     def _receiver(self) -> Receiver:
         if self._rx is None:
-            url, key = relay_for(self.config, self.relay_flag)
-            self._box = open_mailbox(self.config, url, key, self.insecure)
+            # the connection the request went out on, when the peer shares our account
+            url, self._box = self.sender.mailbox(None)
             self._rx = Receiver(self.config, self.ledger, self.site, url, self._box, emit=self._answer,
                                 fail=self.fail, kind=msg.KIND_ANSWER, want=self._want)
         return self._rx
@@ -116,6 +113,7 @@ class Asker:
         """Take answers until every request waited for has one (or ``until()``), or the deadline."""
         rx = self._receiver()
         done = until or (lambda: self.waiting <= set(self.answers))
+        started = time.monotonic()
         while True:
             rx.sync()
             if done():
@@ -124,7 +122,10 @@ class Asker:
             if left <= 0:
                 return
             assert self._box is not None
-            self._box.wait(min(left, 30.0))
+            # A person waits for this answer: look every tenth of a second for the first
+            # minute, rather than pay the server's delay in announcing it to IDLE.
+            waited = time.monotonic() - started
+            self._box.wait(min(left, 30.0), poll=0.1 if waited < 60 else None)
 
 
 def _summary(kind: str, body: dict) -> dict:

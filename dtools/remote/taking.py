@@ -16,7 +16,6 @@ from ..errors import InputError, TempFailure
 from ..exchange.ledger import Ledger
 from ..mail.common import RunLock
 from ..mail.receiver import Receiver
-from ..mail.relay import open_mailbox, relay_for
 from ..seal.opening import Opener
 from .asking import Asker
 
@@ -31,14 +30,12 @@ class Taker:
         self.envelopes: set[str] = set()  # the envelopes the answers named
         self.rids: set[str] = set()
         self.opener = Opener(self.config, asker.identity, asker.peers, ledger=self.ledger)
-        url, key = relay_for(self.config, asker.relay_flag)
-        self.box = open_mailbox(self.config, url, key, asker.insecure)
+        url, self.box = asker.sender.mailbox(None)  # shared; the asker closes it
         self.rx = Receiver(self.config, self.ledger, asker.site, url, self.box, emit=self._envelope, fail=fail,
                            want=lambda eid, rid: eid in self.envelopes or (rid is not None and rid in self.rids))
 
     def close(self) -> None:
         self.opener.close()
-        self.box.close()
 
     def outstanding(self) -> set[str]:
         return {e for e in self.envelopes if self.ledger.opened(e) is None}
