@@ -7,7 +7,6 @@ queries. ``retrieve``: send it the studies it asks for.
 from __future__ import annotations
 
 from ..config import Config
-from ..errors import ConfigError
 
 GRANTS = ("share", "query", "retrieve")
 
@@ -15,13 +14,9 @@ GRANTS = ("share", "query", "retrieve")
 def granted(config: Config, peer: str, what: str) -> bool:
     """True when ``[peers.PEER] WHAT = true``; a peer that is not configured is granted nothing."""
     assert what in GRANTS
-    section = config.section("peers").get(peer)
-    if not isinstance(section, dict):
+    if peer not in config.section("peers"):
         return False
-    value = section.get(what, False)
-    if not isinstance(value, bool):
-        raise ConfigError(f"[peers.{peer}] {what} = {value!r} in {config.path}: use true or false")
-    return value
+    return bool(config.get(f"peers.{peer}.{what}"))
 
 
 def peers_granted(config: Config, what: str) -> list[str]:
