@@ -181,9 +181,9 @@ def test_a_server_killed_mid_answer_loses_no_request(ex, tmp_path):
         assert b"Traceback" not in p.stderr.read()
     assert kills >= 2
     serve_once(ex)
-    got = ex.ok("site-a", " ; ".join(f"dretrieve --peer site-b StudyInstanceUID={s} --wait 60s" for s in studies))
+    got = ex.ok("site-a", " ; ".join(f"dretrieve -v --peer site-b StudyInstanceUID={s} --wait 60s" for s in studies))
     own = ex.ok("site-b", "dsearch").records
-    assert sorted(r["SOPInstanceUID"] for r in got.kinds("instance")) == sorted(r["SOPInstanceUID"] for r in own)
+    assert sorted(r["SOPInstanceUID"] for r in got.kinds("instance")) == sorted(r["SOPInstanceUID"] for r in own), got.stderr + ex.sh("site-a", "dstatus -v").stdout
     import sqlite3
 
     db = sqlite3.connect(ex.home("site-b") / "outbox" / "ledger.db")

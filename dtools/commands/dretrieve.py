@@ -152,6 +152,8 @@ def _take_delivery(app: cli.App, asker, requests: dict, deadline: float) -> int 
                 row = asker.ledger.request(rid)
                 if row is not None and row["status"] == "answered":  # answered to an earlier run
                     got = (t.RETRIEVED, orjson.loads(row["answer"] or "{}"))
+                elif row is not None and row["status"] == "refused":
+                    got = (t.REFUSAL, orjson.loads(row["answer"] or "{}"))
             if got is None:
                 continue
             kind, body = got

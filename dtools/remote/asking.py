@@ -99,9 +99,13 @@ class Asker:
                 self.fail(f"answer {eid} from {peer}", "answers no request this site sent to that peer; dropped")
                 continue
             status = "refused" if kind == t.REFUSAL else "answered"
-            if row["status"] == "pending":
+            first = row["status"] == "pending"
+            if first:
                 self.ledger.answer_request(rid, status, orjson.dumps(_summary(kind, body)).decode())
-            if rid in self.waiting:
+            # The first answer counts. A peer that crashed after answering, before it took the
+            # request off the relay, refuses the same request as replayed when it sees it
+            # again: that later refusal must not undo the answer.
+            if rid in self.waiting and rid not in self.answers and (first or kind != t.REFUSAL):
                 self.answers[rid] = (kind, body)
         t.remember_opened(self.ledger, eid, peer, sha)
         try:
