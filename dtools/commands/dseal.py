@@ -260,8 +260,20 @@ def _open_one(app, opener: Opener, path: Path, advance, counts: dict) -> None:
         app.fail(p, why)
     for rec in result.records:
         app.emit(rec)
+    if result.catalog is not None:
+        _report_catalog(app, result)
     counts["opened"] += 1
     app.log.info("opened %s from %s: %d file(s)", result.envelope_id, result.peer, len(result.records))
+
+
+def _report_catalog(app, result) -> None:
+    c = result.catalog
+    if c.stale:
+        app.log.info("envelope %s: a catalog of %s older than the copy kept here; nothing changed",
+                     result.envelope_id, result.peer)
+        return
+    app.log.info("catalog of %s updated: %d row(s) added or changed, %d removed, %d older ones ignored",
+                 result.peer, c.rows, c.removed, c.ignored)
 
 
 def _quarantine(opener: Opener, path: Path, reason: str) -> str | None:

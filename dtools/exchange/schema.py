@@ -6,7 +6,8 @@ is owed, which peer each archived instance came from, and what was set aside. Th
 each envelope is also kept on its ``sealed`` and ``received`` row, and partial indexes hold
 the few that still wait, so that dstatus reads a hundred thousand envelopes in milliseconds. Version 3 adds the
 requests this site sent and served through the relay, and the state of its catalog as
-published to each peer.
+published to each peer: a hash and a version per row (one counter for the whole catalog,
+tombstones for removals), how far each peer has been sent, and the envelopes that carried it.
 """
 
 SCHEMA = [
@@ -90,6 +91,12 @@ SCHEMA = [
     CREATE INDEX catalog_rows_version ON catalog_rows (version);
     CREATE TABLE catalog_peers (
         peer TEXT PRIMARY KEY, published_version INTEGER NOT NULL DEFAULT 0, published_at REAL);
+    CREATE TABLE catalog_state (
+        id INTEGER PRIMARY KEY CHECK (id = 1), catalog_id TEXT NOT NULL, created_at REAL NOT NULL,
+        index_id TEXT, version INTEGER NOT NULL DEFAULT 0);
+    CREATE TABLE catalog_envelopes (
+        envelope_id TEXT NOT NULL, peer TEXT NOT NULL, since INTEGER NOT NULL, through INTEGER NOT NULL,
+        sealed_at REAL NOT NULL, lost_seen INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (envelope_id, peer));
     ALTER TABLE received ADD COLUMN channel TEXT NOT NULL DEFAULT 'envelope';
     ALTER TABLE sent ADD COLUMN kind TEXT NOT NULL DEFAULT 'envelope';
     ALTER TABLE sealed ADD COLUMN request_id TEXT;
