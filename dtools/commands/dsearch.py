@@ -190,8 +190,9 @@ def _search_catalogs(app: cli.App, peer: str, level: str, pairs, text, field_lis
         else:
             stamps = {n: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(states[n].updated_at))
                       for n in names if n in states}
-            results = (_with_stamp(rec, stamps) for rec in
-                       run_query(conn, q, fields=wanted or None, limit=limit, offset=offset))
+            # --fields peer alone: records with nothing but where they come from
+            only = wanted or (["peer"] if field_list else None)
+            results = (_with_stamp(rec, stamps) for rec in run_query(conn, q, fields=only, limit=limit, offset=offset))
         if table:
             _print_table(app, level, results, list(PEER_FIELDS[:1]) + (wanted or TABLE_FIELDS[level]))
             return None

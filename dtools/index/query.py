@@ -301,6 +301,9 @@ def parse_keys(level: str, keys: dict[str, str] | Sequence[tuple[str, str]], tex
             if tag_for_keyword(key) is None and key not in FILE_FIELDS:
                 raise UsageError(f"unknown keyword {name!r}; keys are DICOM keywords such as PatientName or "
                                  f"gggg,eeee tags. Searchable keys: {allowed_keys_text(scope)}")
+            if scope.is_peer:
+                raise UsageError(f"{key} is not in a peer's catalog; use one of: {allowed_keys_text(scope)}, "
+                                 f"or {LIVE_HINT}")
             raise UsageError(f"{key} is not a search key; search it as free text (a bare word), "
                              f"or use one of: {allowed_keys_text(scope)}")
         if KEY_LEVEL[key] not in scope.levels:
