@@ -171,12 +171,11 @@ def _relay_service(app: cli.App, insecure: bool):
 
 
 def _publisher(app: cli.App):
-    try:
-        from ..remote.catalog import publish_catalog
-    except ImportError:  # MERGE: the catalog lands with its own branch; remove this guard then
-        return None
+    """Publish this site's catalog to the peers granted ``share``; the envelopes go out with
+    the service's next deposit."""
+    from ..remote.catalog import publish_catalog
 
-    return lambda service: len(publish_catalog(app.config, service.ledger, service.sender, log=app.log.info))
+    return lambda service: len(publish_catalog(app.config, service.ledger))
 
 
 def _relay_once(app: cli.App, insecure: bool) -> int | None:
