@@ -169,3 +169,33 @@ def test_dsearch_peer_options(tmp_path):
         bad = ex.sh("site-a", f"dsearch {args}")
         assert bad.code == 2 and says in bad.stderr and "Traceback" not in bad.stderr, args
         assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def served_publication(ex: Exchange, data: Path) -> None:
+    """As an administrator runs it: 'dserve --relay --once' from cron publishes and deposits."""
+    grant(ex.home("site-b"), "site-a")
+    write_studies(data, 0, 3)
+    ex.ok("site-b", f"dindex -q {data} >/dev/null")
+    first = ex.ok("site-b", "dserve --relay --once")
+    assert "published 1 catalog update(s)" in first.stderr
+    ex.receive("site-a")
+    for level in ("patient", "study", "series"):
+        assert copy(ex, "site-a", level) == own(ex, level), level
+    again = ex.ok("site-b", "dserve --relay --once")
+    assert "published 0 catalog update(s)" in again.stderr
+    write_studies(data / "more", 5, 1)
+    ex.ok("site-b", f"dindex -q {data} >/dev/null")
+    assert "published 1 catalog update(s)" in ex.ok("site-b", "dserve --relay --once").stderr
+    ex.receive("site-a")
+    assert copy(ex, "site-a", "study") == own(ex, "study") and len(own(ex, "study")) == 4
+
+
+def test_dserve_relay_once_publishes_over_the_maildir_relay(tmp_path):
+    ex, _store = maildir_exchange(tmp_path)
+    served_publication(ex, tmp_path / "data")
+
+
+@pytest.mark.integration
+def test_dserve_relay_once_publishes_over_dovecot(tmp_path, dovecot, request):
+    ex, _store = dovecot_exchange(tmp_path, dovecot, request.node.name)
+    served_publication(ex, tmp_path / "data")
