@@ -127,19 +127,56 @@ def read(
     else:
         chunks = stream
     for raw in chunks:
-        if null:
-            if not raw:
-                continue
-            yield {"path": raw.decode("utf-8", "surrogateescape")}
+        rec = _one(raw, null, on_error)
+        if rec is not None:
+            yield rec
+
+
+def _one(raw: bytes, null: bool, on_error: Callable[[str, str], None] | None) -> dict | None:
+    if null:
+        return {"path": raw.decode("utf-8", "surrogateescape")} if raw else None
+    if not raw.strip():
+        return None
+    try:
+        return parse_line(raw)
+    except ValueError as exc:
+        if on_error is None:
+            raise
+        on_error(raw.strip()[:80].decode("utf-8", "replace"), str(exc))
+        return None
+
+
+def read_batches(stream: IO[bytes], null: bool = False, settle: float = 10.0,
+                 on_error: Callable[[str, str], None] | None = None) -> Iterator[list[dict]]:
+    """Records in batches, for a producer that streams (``dserve | dseal --to``): a batch
+    ends when no more input has come for ``settle`` seconds, or at the end of the input."""
+    import select
+
+    fd = stream.fileno()
+    sep = b"\0" if null else b"\n"
+    buf = b""
+    batch: list[dict] = []
+    while True:
+        ready, _, _ = select.select([fd], [], [], settle if batch else None)
+        if not ready:
+            yield batch
+            batch = []
             continue
-        if not raw.strip():
-            continue
-        try:
-            yield parse_line(raw)
-        except ValueError as exc:
-            if on_error is None:
-                raise
-            on_error(raw.strip()[:80].decode("utf-8", "replace"), str(exc))
+        block = os.read(fd, 1 << 16)
+        if not block:
+            break
+        buf += block
+        *lines, buf = buf.split(sep)
+        for line in lines:
+            rec = _one(line, null, on_error)
+            if rec is not None:
+                batch.append(rec)
+    if buf:
+        rec = _one(buf, null, on_error)
+        if rec is not None:
+            batch.append(rec)
+    if batch:
+        yield batch
 
 
 def _split_nul(stream: IO[bytes]) -> Iterator[bytes]:

@@ -291,3 +291,33 @@ def test_dstatus_counts_equal_a_count_of_every_row(tmp_path):
         relay = db.execute("SELECT count(*) FROM quarantine WHERE sender=?", (peer,)).fetchone()[0]
         assert r["quarantined"] == relay + sum(1 for _, q, o in received if o is None and q is not None)
     led.close()
+
+
+def test_dseal_seals_what_a_streaming_producer_sent_once_it_pauses(ex, tmp_path):
+    """dserve | dseal --to | dmail-send relays live: dseal does not wait for the end of its input."""
+    import os
+    import subprocess
+    import time
+
+    from conftest import BIN
+
+    files = ex.add_studies("site-a", tmp_path / "data", studies=2, instances=2)
+    found = ex.ok("site-a", "dsearch").records
+    env = {**os.environ, "DTOOLS_HOME": str(ex.home("site-a"))}
+    p = subprocess.Popen([str(BIN / "dseal"), "--to", "site-b", "--settle", "1s"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    import orjson
+
+    first = [r for r in found if r["StudyInstanceUID"] == found[0]["StudyInstanceUID"]]
+    p.stdin.write(b"".join(orjson.dumps(r) + b"\n" for r in first))
+    p.stdin.flush()
+    line = p.stdout.readline()  # comes while stdin is still open
+    rec = orjson.loads(line)
+    assert rec["kind"] == "envelope" and rec["instances"] == len(first)
+    rest = [r for r in found if r not in first]
+    p.stdin.write(b"".join(orjson.dumps(r) + b"\n" for r in rest))
+    p.stdin.close()
+    out = p.stdout.read()
+    assert p.wait(60) == 0, p.stderr.read()
+    [rec2] = [orjson.loads(x) for x in out.splitlines()]
+    assert rec2["instances"] == len(rest) and len(first) + len(rest) == len(files)

@@ -16,7 +16,7 @@ from test_seal_support import make_dicom, make_sites, make_study
 from dtools.config import Config
 from dtools.dicom.archive import AtomicFile
 from dtools.errors import InputError
-from dtools.seal import envelope, keys, sealing
+from dtools.seal import envelope, keys, pipeline, sealing
 from dtools.seal.keys import Identity
 from dtools.seal.opening import STAGING_PREFIX, Opener
 
@@ -379,8 +379,8 @@ def test_not_an_envelope(sites, tmp_path):
 def test_wrong_file_digest_from_a_real_peer_is_rejected(sites, study, tmp_path, monkeypatch):
     # A sender (or a bug) that signs a payload whose digests do not match its files.
     _uid, files = study
-    real_call = envelope._Stage.call
-    monkeypatch.setattr(envelope._Stage, "call", lambda self, fn: (real_call(self, fn), bytes(32))[1])
+    real_call = pipeline.Stage.call
+    monkeypatch.setattr(pipeline.Stage, "call", lambda self, fn: (real_call(self, fn), bytes(32))[1])
     env = seal_file(tmp_path, sites["site-a"], ["site-b"], files)
     monkeypatch.undo()
     must_fail(sites["site-b"], env, "does not match (damaged or forged payload)")
@@ -445,10 +445,10 @@ def test_early_writeback_while_sealing_and_opening_keeps_bytes_identical(sites, 
     # Big files get fdatasync calls while they are still being written; with a tiny interval
     # that happens many times here, on both sides, and must not change a byte.
     uid, files = study
-    monkeypatch.setattr(envelope, "FLUSH_EVERY", SMALL // 2)
+    monkeypatch.setattr(pipeline, "FLUSH_EVERY", SMALL // 2)
     calls: list[int] = []
-    real = envelope._early_writeback
-    monkeypatch.setattr(envelope, "_early_writeback", lambda fd: (calls.append(fd), real(fd)))
+    real = pipeline.early_writeback
+    monkeypatch.setattr(pipeline, "early_writeback", lambda fd: (calls.append(fd), real(fd)))
     eid = envelope.new_envelope_id()
     target = tmp_path / "outbox" / f"{eid}.dtenv"
     with AtomicFile(target, 0o600) as out:
@@ -459,3 +459,24 @@ def test_early_writeback_while_sealing_and_opening_keeps_bytes_identical(sites, 
     result = sites["site-b"].opener().open(target)
     assert len(calls) > sealed_calls
     assert [Path(r["path"]).read_bytes() for r in result.records] == [f.read_bytes() for f in files]
+
+
+def test_message_entries_travel_beside_files_and_stay_out_of_the_archive(sites, study, tmp_path):
+    _uid, files = study
+    body = b'{"kind":"catalog","rows":[]}'
+    entries = entries_for(files[:1]) + [envelope.Entry.message("catalog", body)]
+    env = seal_file(tmp_path, sites["site-a"], ["site-b"], files, entries=entries)
+    result = sites["site-b"].opener().open(env)
+    assert result.messages == [("catalog", body)]
+    assert [Path(r["path"]).read_bytes() for r in result.records] == [files[0].read_bytes()]
+    assert len(sites["site-b"].archive_files()) == 1
+
+
+@pytest.mark.parametrize("entry", [
+    {"type": "message", "kind": "Catalog", "name": "message.json", "size": 2},
+    {"type": "message", "kind": "catalog", "name": "../x", "size": 2},
+    {"type": "message", "kind": "catalog", "name": "message.json", "size": 1 << 40},
+])
+def test_bad_message_entries_are_refused(entry):
+    with pytest.raises(InputError, match="message"):
+        envelope.Entry.from_json(orjson.dumps(entry))

@@ -130,16 +130,8 @@ def _send_envelopes(app: cli.App, sender: Sender, to: list[str], known: set[str]
 
     with app.progress("sending", None, "bytes") as advance:
         # What an earlier run sealed or began to deposit and did not finish: first.
-        for row in sender.ledger.undeposited():
-            if not Path(row["path"]).exists() and not _recover(sender.ledger, app.config, row):
-                app.fail(row["path"], f"envelope {row['envelope_id']} for {row['peer']} was sealed but its file is "
-                         "gone; its instances will be sealed again by the next 'dseal --to' for that peer")
-                continue
-            try:
-                tally(sender.send_envelope(Path(row["path"]), row["envelope_id"], row["peer"], row["sha256"],
-                                           advance=advance))
-            except InputError as exc:
-                app.fail(row["path"], f"cannot deposit: {exc}")
+        for out in sender.deposit_pending(app.fail, advance):
+            tally(out)
         if sys.stdin is not None and not sys.stdin.isatty():
             for rec in app.read_records():
                 if rec.get("kind") not in (None, "envelope"):
@@ -171,19 +163,6 @@ def _send_envelopes(app: cli.App, sender: Sender, to: list[str], known: set[str]
                 except InputError as exc:
                     app.fail(row["path"], f"cannot resend: {exc}")
     app.info(f"{counts['sent']} envelope(s) deposited ({counts['bytes']} bytes), {counts['skipped']} already in the relay")
-
-
-def _recover(ledger, config, row) -> bool:
-    """An envelope recorded as sealed without its file: a dseal killed just before its rename
-    (put the complete temporary in place), or a file removed by hand (seal its instances again)."""
-    from ..dicom.archive import recover_temporary
-    from ..seal.memory import SealLock
-
-    with SealLock(config.dir("outbox")):  # a running dseal may be just about to rename it
-        if Path(row["path"]).exists() or recover_temporary(Path(row["path"])):
-            return True
-        ledger.mark_lost(row["envelope_id"], row["peer"])
-        return False
 
 
 def _send_receipts(app: cli.App, sender: Sender, identity) -> None:

@@ -48,8 +48,11 @@ class _Group(click.Group):
               help="Shared-secret mode: derive the key from the passphrase in FILE (weaker; see dseal(1)).")
 @click.option("--resend", is_flag=True,
               help="Seal every input again, even instances already sealed for these peers and unchanged.")
+@click.option("--settle", metavar="AGE", default="10s", show_default=True,
+              help="With records streaming in on stdin (dserve | dseal --to): seal what has come once no more "
+                   "has come for AGE.")
 @cli.null_option
-def dseal(app, to, open_, group, passphrase_file, resend, null):
+def dseal(app, to, open_, group, passphrase_file, resend, settle, null):
     ctx = click.get_current_context()
     if ctx.invoked_subcommand is not None:
         return None
@@ -68,15 +71,40 @@ def dseal(app, to, open_, group, passphrase_file, resend, null):
         inputs = app.read_records(null=null)
     if resend and open_:
         raise UsageError("--resend applies to sealing (--to), not to --open")
-    code = _open(app, inputs, passphrase) if open_ else _seal(app, inputs, to, group, passphrase, resend)
+    if open_:
+        code = _open(app, inputs, passphrase)
+    else:
+        from ..mail.common import parse_age
+
+        settle_s = parse_age(settle, "--settle")
+        batches = [inputs] if paths or not _streaming_stdin() else _batches(app, null, settle_s)
+        code = _seal(app, batches, to, group, passphrase, resend)
     return code if code is not None else (1 if app.failures else 0)
 
 
-def _seal(app, inputs, to, group, passphrase, resend):
+def _streaming_stdin() -> bool:
+    import stat
+
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (AttributeError, OSError, ValueError):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+def _batches(app, null, settle):
+    """What a streaming producer sends, in batches that end when it pauses (see --settle)."""
+    from .. import records
+
+    return records.read_batches(sys.stdin.buffer, null=null, settle=settle,
+                                on_error=lambda line, why: app.fail(f"line {line!r}", why))
+
+
+def _seal(app, batches, to, group, passphrase, resend):
     import logging
 
     from ..exchange.ledger import Ledger, ledger_path
-    from ..seal.memory import SealLock, SealMemory, recover_sealed
+    from ..seal.memory import SealMemory
 
     if not app.verbose:  # pydicom's log lines may quote element values (patient data)
         logging.getLogger("pydicom").setLevel(logging.ERROR)
@@ -119,34 +147,11 @@ def _seal(app, inputs, to, group, passphrase, resend):
     outbox = config.dir("outbox")
     ledger = Ledger(ledger_path(config.home))
     memory = SealMemory(ledger, names, resend=resend)
+    sealed = 0
     try:
-        groups = collect(inputs, how, app.fail, app.log.info, warn=app.err, skip=memory.already_sealed)
-        sealed = 0
-        # Read the input first, then hold the seal lock only while sealing: an overlapping run
-        # waits here, then finds what this one sealed in the ledger and skips it.
-        with SealLock(outbox):
-            if recover_sealed(ledger):
-                app.log.info("put in place envelopes sealed by a run that was killed before it finished")
-            if clean_stale_envelopes(outbox):
-                app.log.info("removed temporaries left in %s by a killed run", outbox)
-            work = [(peers, g) for group_ in groups if group_.entries for peers, g in memory.split(group_)]
-            total = sum(g.bytes for _, g in work)
-            with app.progress("sealing", total=total, unit="bytes") as advance:
-                for peers, g in work:
-                    try:
-                        record = seal_group(g, outbox, identity=identity, recipients=[recipients[p] for p in peers]
-                                            if passphrase is None else [], sender=sender, recipient_names=peers,
-                                            passphrase=passphrase, advance=advance, ledger=ledger)
-                    except InputError as exc:
-                        app.fail(f"envelope for {len(g.entries)} file(s)", f"{exc}; nothing was written for them")
-                        continue
-                    except OSError as exc:  # the outbox: disk full, permissions
-                        raise TempFailure(f"{outbox}: cannot write envelope ({exc.strerror or exc}); "
-                                          "free space or fix permissions, then run again") from None
-                    app.emit(record)
-                    sealed += 1
-                    app.log.info("sealed %s: %d file(s), %d bytes", record["envelope_id"], record["instances"],
-                                 record["bytes"])
+        for inputs in batches:
+            sealed += _seal_batch(app, inputs, how, memory, ledger, outbox, identity, recipients, sender,
+                                  passphrase)
     finally:
         ledger.close()
     summary = f"sealed {sealed} envelope(s) for {', '.join(names)}"
@@ -156,6 +161,41 @@ def _seal(app, inputs, to, group, passphrase, resend):
         summary += f"; {app.failures} input(s) failed"
     app.info(summary)
     return None
+
+
+def _seal_batch(app, inputs, how, memory, ledger, outbox, identity, recipients, sender, passphrase) -> int:
+    from ..seal.memory import SealLock, recover_sealed
+
+    sealed = 0
+    groups = collect(inputs, how, app.fail, app.log.info, warn=app.err, skip=memory.already_sealed)
+    if not groups:
+        return 0
+    # Read the input first, then hold the seal lock only while sealing: an overlapping run
+    # waits here, then finds what this one sealed in the ledger and skips it.
+    with SealLock(outbox):
+        if recover_sealed(ledger):
+            app.log.info("put in place envelopes sealed by a run that was killed before it finished")
+        if clean_stale_envelopes(outbox):
+            app.log.info("removed temporaries left in %s by a killed run", outbox)
+        work = [(peers, g) for group_ in groups if group_.entries for peers, g in memory.split(group_)]
+        total = sum(g.bytes for _, g in work)
+        with app.progress("sealing", total=total, unit="bytes") as advance:
+            for peers, g in work:
+                try:
+                    record = seal_group(g, outbox, identity=identity, recipients=[recipients[p] for p in peers]
+                                        if passphrase is None else [], sender=sender, recipient_names=peers,
+                                        passphrase=passphrase, advance=advance, ledger=ledger)
+                except InputError as exc:
+                    app.fail(f"envelope for {len(g.entries)} file(s)", f"{exc}; nothing was written for them")
+                    continue
+                except OSError as exc:  # the outbox: disk full, permissions
+                    raise TempFailure(f"{outbox}: cannot write envelope ({exc.strerror or exc}); "
+                                      "free space or fix permissions, then run again") from None
+                app.emit(record)
+                sealed += 1
+                app.log.info("sealed %s: %d file(s), %d bytes", record["envelope_id"], record["instances"],
+                             record["bytes"])
+    return sealed
 
 
 def _open(app, inputs, passphrase):
@@ -220,8 +260,20 @@ def _open_one(app, opener: Opener, path: Path, advance, counts: dict) -> None:
         app.fail(p, why)
     for rec in result.records:
         app.emit(rec)
+    if result.catalog is not None:
+        _report_catalog(app, result)
     counts["opened"] += 1
     app.log.info("opened %s from %s: %d file(s)", result.envelope_id, result.peer, len(result.records))
+
+
+def _report_catalog(app, result) -> None:
+    c = result.catalog
+    if c.stale:
+        app.log.info("envelope %s: a catalog of %s older than the copy kept here; nothing changed",
+                     result.envelope_id, result.peer)
+        return
+    app.log.info("catalog of %s updated: %d row(s) added or changed, %d removed, %d older ones ignored",
+                 result.peer, c.rows, c.removed, c.ignored)
 
 
 def _quarantine(opener: Opener, path: Path, reason: str) -> str | None:

@@ -12,7 +12,7 @@ import threading
 import click
 
 from .. import cli
-from ..errors import ConfigError
+from ..errors import ConfigError, DtoolsError, UsageError
 from ..net.common import DEFAULT_AET, DEFAULT_PORT, check_aet, destinations, parse_port
 
 GRACE = 10.0
@@ -43,8 +43,16 @@ GRACE = 10.0
 @click.option("--grace", type=float, metavar="SECONDS", default=None,
               help=f"On SIGTERM, how long running associations may finish before they are aborted "
                    f"[config [dserve] grace; default {GRACE:g}].")
+@click.option("--relay", "serve_relay", is_flag=True,
+              help="Also serve the relay: answer granted peers' queries and retrieve requests, and publish "
+                   "this site's catalog to the peers it shares with (IMAP IDLE).")
+@click.option("--once", is_flag=True,
+              help="With --relay: one pass (answer what waits, publish what changed), then exit; opens no "
+                   "DICOM port (for cron).")
+@click.option("--insecure-skip-verify", "insecure", is_flag=True,
+              help="INSECURE: with --relay, do not verify the relay server's TLS certificate (test servers only).")
 def cmd(app: cli.App, aet, port, bind, allow, any_called_aet, destination, max_associations, timeout, sync,
-        grace):
+        grace, serve_relay, once, insecure):
     """Listen for DICOM associations and serve this site's archive and index.
 
     C-STORE writes each instance atomically into HOME/archive/<Study>/<Series>/<SOP>.dcm,
@@ -55,6 +63,12 @@ def cmd(app: cli.App, aet, port, bind, allow, any_called_aet, destination, max_a
     each instance as stored or converted to a syntax the receiver accepts. Associations
     must call --aet unless --any-called-aet is given.
     """
+    if once and not serve_relay:
+        raise UsageError("--once applies to --relay: 'dserve --relay --once'")
+    if insecure and not serve_relay:
+        raise UsageError("--insecure-skip-verify applies to --relay")
+    if once:
+        return _relay_once(app, insecure)
     from ..net.scp import Server, ServerSettings
     # pydicom warns about every odd value a peer sends; the records and -v logs say what matters
     warnings.filterwarnings("ignore", module="pydicom")
@@ -106,6 +120,12 @@ def cmd(app: cli.App, aet, port, bind, allow, any_called_aet, destination, max_a
     app.info(f"listening on {settings.bind}:{settings.port} as {settings.aet}"
              + (" (and any called AE title)" if settings.any_called_aet else "")
              + (f", allowing {', '.join(settings.allow)}" if settings.allow else ""))
+    relay_stop = threading.Event()
+    relay_thread = None
+    if serve_relay:
+        relay_thread = threading.Thread(target=_relay_forever, args=(app, insecure, relay_stop), name="dserve-relay",
+                                        daemon=True)
+        relay_thread.start()
     # Our own signal handlers: a signal only sets a flag, and the main thread shuts down
     # in order (stop accepting, finish or abort associations, commit the index).
     stop = threading.Event()
@@ -124,7 +144,10 @@ def cmd(app: cli.App, aet, port, bind, allow, any_called_aet, destination, max_a
                 break
     finally:
         app.log.info("shutting down")
+        relay_stop.set()
         server.shutdown(grace_s)
+        if relay_thread is not None:
+            relay_thread.join(10)
         for s, h in old.items():
             signal.signal(s, h)
     app.info(f"stored {server.stored} instance(s), indexed {server.indexer.indexed}")
@@ -139,6 +162,52 @@ def cmd(app: cli.App, aet, port, bind, allow, any_called_aet, destination, max_a
     if got:
         raise cli.Terminated()
     return 0
+
+
+def _relay_service(app: cli.App, insecure: bool):
+    from ..remote.service import RelayService
+
+    return RelayService(app.config, insecure=insecure, publish=_publisher(app), fail=app.fail)
+
+
+def _publisher(app: cli.App):
+    """Publish this site's catalog to the peers granted ``share``; the envelopes go out with
+    the service's next deposit."""
+    from ..remote.catalog import publish_catalog
+
+    return lambda service: len(publish_catalog(app.config, service.ledger))
+
+
+def _relay_once(app: cli.App, insecure: bool) -> int | None:
+    app.config.ensure_home()
+    service = _relay_service(app, insecure)
+    try:
+        service.run_once()
+    finally:
+        service.close()
+    c = service.counts
+    app.info(f"answered {c['answered']} request(s), refused {c['refused']}, published {c['published']} "
+             "catalog update(s)")
+    return None
+
+
+def _relay_forever(app: cli.App, insecure: bool, stop: threading.Event) -> None:
+    """The relay side of a running dserve: it never takes the DICOM node down. A relay that
+    cannot be reached is tried again every 30 seconds, and says so in the log."""
+    publish_every = app.config.get("dserve.publish_interval", 60.0, type=float)
+    while not stop.is_set():
+        try:
+            service = _relay_service(app, insecure)
+            try:
+                service.run(stop, publish_every=publish_every)
+            finally:
+                service.close()
+        except DtoolsError as exc:
+            app.err(f"relay: {exc}; trying again in 30 s")
+            stop.wait(30)
+        except Exception as exc:  # a bug: keep the DICOM node up, report it
+            app.err(f"relay: internal error: {type(exc).__name__}: {exc}; trying again in 30 s")
+            stop.wait(30)
 
 
 def _as_list(value) -> list[str]:

@@ -13,6 +13,7 @@ TABLE_COLUMNS = [
     ("peer", "peer"), ("sealed", "sealed"), ("not_deposited", "not sent"), ("awaiting_receipt", "awaiting"),
     ("delivered", "delivered"), ("oldest_awaiting_s", "oldest wait"), ("unopened", "unopened"),
     ("receipts_owed", "receipts owed"), ("quarantined", "quarantined"), ("incomplete_sets", "incomplete"),
+    ("requests_pending", "asked, pending"), ("requests_served", "served"), ("requests_refused", "refused"),
 ]
 
 

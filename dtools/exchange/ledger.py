@@ -88,15 +88,17 @@ class Ledger:
         return self.db.execute("SELECT * FROM sealed_instances WHERE peer=? AND sop=?", (peer, sop)).fetchone()
 
     def note_sealed(self, envelope_id: str, peers: Iterable[str], path: str, size: int, sha256: str,
-                    instances: int | None, entries: Iterable[tuple] = ()) -> None:
+                    instances: int | None, entries: Iterable[tuple] = (), request_id: str | None = None) -> None:
         """Remember an envelope and, per peer, the instances it carries (study, series, sop,
-        path, size, mtime_ns, sha256), in one transaction."""
+        path, size, mtime_ns, sha256), in one transaction. ``request_id``: sealed to answer
+        that peer's retrieve request."""
         now = time.time()
         peers = list(peers)
         with self.transaction() as db:
             for peer in peers:
-                db.execute("INSERT OR IGNORE INTO sealed (envelope_id, peer, path, bytes, sha256, instances, sealed_at)"
-                           " VALUES (?,?,?,?,?,?,?)", (envelope_id, peer, path, size, sha256, instances, now))
+                db.execute("INSERT OR IGNORE INTO sealed (envelope_id, peer, path, bytes, sha256, instances, sealed_at,"
+                           " request_id) VALUES (?,?,?,?,?,?,?,?)",
+                           (envelope_id, peer, path, size, sha256, instances, now, request_id))
                 db.executemany(
                     "INSERT INTO sealed_instances VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (peer, sop) DO UPDATE SET"
                     " study=excluded.study, series=excluded.series, path=excluded.path, size=excluded.size,"
@@ -121,6 +123,25 @@ class Ledger:
         return list(self.db.execute(
             "SELECT * FROM sealed WHERE lost_at IS NULL AND deposited_at IS NULL ORDER BY sealed_at"))
 
+    def sealed_for_request(self, request_id: str, peer: str) -> list[sqlite3.Row]:
+        """The envelopes sealed for ``peer`` to answer its retrieve request ``request_id``."""
+        return list(self.db.execute("SELECT * FROM sealed WHERE request_id=? AND peer=? AND lost_at IS NULL"
+                                    " ORDER BY sealed_at", (request_id, peer)))
+
+    def envelopes_carrying(self, peer: str, studies: list[str], series: list[str]) -> list[sqlite3.Row]:
+        """Every envelope sealed for ``peer`` that carries instances of these studies or series."""
+        rows: dict[str, sqlite3.Row] = {}
+        for column, uids in (("study", studies), ("series", series)):
+            for i in range(0, len(uids), 500):
+                part = uids[i:i + 500]
+                marks = ",".join("?" for _ in part)
+                for row in self.db.execute(
+                        f"SELECT s.* FROM sealed s WHERE s.peer = ? AND s.lost_at IS NULL AND s.envelope_id IN"
+                        f" (SELECT envelope_id FROM sealed_instances WHERE peer = ? AND {column} IN ({marks}))"
+                        " ORDER BY s.sealed_at", (peer, peer, *part)):
+                    rows[row["envelope_id"]] = row
+        return list(rows.values())
+
     def mark_lost(self, envelope_id: str, peer: str) -> None:
         """The envelope file is gone before it reached the relay: forget its instances for that peer,
         so that the next seal for the peer includes them again."""
@@ -143,13 +164,13 @@ class Ledger:
         return self.db.execute("SELECT * FROM sent WHERE envelope_id=? AND peer=?", (envelope_id, peer)).fetchone()
 
     def begin_send(self, envelope_id: str, peer: str, path: str, size: int, sha256: str,
-                   part_size: int, parts: int, relay: str) -> None:
+                   part_size: int, parts: int, relay: str, kind: str = "envelope") -> None:
         now = time.time()
         self.db.execute(
-            "INSERT INTO sent (envelope_id, peer, path, bytes, sha256, part_size, parts, relay, first_sent, last_sent)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (envelope_id, peer) DO UPDATE SET"
+            "INSERT INTO sent (envelope_id, peer, path, bytes, sha256, part_size, parts, relay, first_sent, last_sent,"
+            " kind) VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (envelope_id, peer) DO UPDATE SET"
             " path=excluded.path, relay=excluded.relay, last_sent=excluded.last_sent, attempts=attempts+1",
-            (envelope_id, peer, path, size, sha256, part_size, parts, relay, now, now))
+            (envelope_id, peer, path, size, sha256, part_size, parts, relay, now, now, kind))
 
     def parts_done(self, envelope_id: str, peer: str) -> set[int]:
         rows = self.db.execute("SELECT part FROM sent_parts WHERE envelope_id=? AND peer=?", (envelope_id, peer))
@@ -167,7 +188,8 @@ class Ledger:
 
     def due_for_retry(self, age: float) -> list[sqlite3.Row]:
         return list(self.db.execute(
-            "SELECT * FROM sent WHERE receipt_at IS NULL AND complete = 1 AND last_sent <= ? ORDER BY first_sent",
+            "SELECT * FROM sent WHERE receipt_at IS NULL AND complete = 1 AND kind = 'envelope' AND last_sent <= ?"
+            " ORDER BY first_sent",
             (time.time() - age,)))
 
     def mark_receipt(self, envelope_id: str, peer: str, instances: int | None) -> bool:
@@ -184,23 +206,26 @@ class Ledger:
     def received(self, envelope_id: str) -> sqlite3.Row | None:
         return self.db.execute("SELECT * FROM received WHERE envelope_id=?", (envelope_id,)).fetchone()
 
-    def mark_received(self, envelope_id: str, sender: str, path: str, size: int, sha256: str) -> None:
+    def mark_received(self, envelope_id: str, sender: str, path: str, size: int, sha256: str,
+                      channel: str = "envelope", request_id: str | None = None) -> None:
         with self.transaction() as db:
-            db.execute("INSERT OR IGNORE INTO received (envelope_id, sender, path, bytes, sha256, received_at)"
-                       " VALUES (?,?,?,?,?,?)", (envelope_id, sender, path, size, sha256, time.time()))
+            db.execute("INSERT OR IGNORE INTO received (envelope_id, sender, path, bytes, sha256, received_at, channel,"
+                       " request_id) VALUES (?,?,?,?,?,?,?,?)",
+                       (envelope_id, sender, path, size, sha256, time.time(), channel, request_id))
             db.execute("DELETE FROM spool_sets WHERE envelope_id=?", (envelope_id,))
 
     def mark_handed(self, envelope_id: str) -> None:
         self.db.execute("UPDATE received SET handed_at=?, emitted=1 WHERE envelope_id=?", (time.time(), envelope_id))
 
-    def to_hand_on(self, handed_before: float | None = None) -> list[sqlite3.Row]:
-        """Received envelopes not opened (nor set aside) yet; with ``handed_before``, only those
-        not handed on since then."""
-        sql = "SELECT * FROM received WHERE opened_at IS NULL AND quarantined_at IS NULL AND removed_at IS NULL"
-        args: tuple = ()
+    def to_hand_on(self, handed_before: float | None = None, channel: str = "envelope") -> list[sqlite3.Row]:
+        """Received envelopes (of a channel) not opened (nor set aside) yet; with ``handed_before``,
+        only those not handed on since then."""
+        sql = ("SELECT * FROM received WHERE opened_at IS NULL AND quarantined_at IS NULL AND removed_at IS NULL"
+               " AND channel = ?")
+        args: tuple = (channel,)
         if handed_before is not None:
             sql += " AND (handed_at IS NULL OR handed_at <= ?)"
-            args = (handed_before,)
+            args += (handed_before,)
         return list(self.db.execute(sql + " ORDER BY received_at", args))
 
     def quarantine_received(self, envelope_id: str, path: str, reason: str) -> None:
@@ -286,6 +311,44 @@ class Ledger:
                        " instances=excluded.instances, sent_at=excluded.sent_at",
                        (envelope_id, peer, instances, time.time()))
             db.execute("UPDATE opened SET receipt_owed=0 WHERE envelope_id=?", (envelope_id,))
+
+
+    # -- requests this site sent (dsearch --live, dretrieve) --------------------------
+    def note_request(self, request_id: str, peer: str, kind: str, envelope_id: str, expires_at: float,
+                     subject: str | None = None) -> None:
+        self.db.execute("INSERT INTO requests (request_id, peer, kind, envelope_id, created_at, expires_at, subject)"
+                        " VALUES (?,?,?,?,?,?,?)", (request_id, peer, kind, envelope_id, time.time(), expires_at,
+                                                     subject))
+
+    def request(self, request_id: str) -> sqlite3.Row | None:
+        return self.db.execute("SELECT * FROM requests WHERE request_id=?", (request_id,)).fetchone()
+
+    def answer_request(self, request_id: str, status: str, answer: str | None) -> None:
+        self.db.execute("UPDATE requests SET status=?, answer=?, answered_at=? WHERE request_id=? AND"
+                        " status='pending'", (status, answer, time.time(), request_id))
+
+    def pending_requests(self, peer: str, kind: str) -> list[sqlite3.Row]:
+        """Requests of a kind to a peer that are neither answered nor expired."""
+        return list(self.db.execute("SELECT * FROM requests WHERE peer=? AND kind=? AND status='pending' AND"
+                                    " expires_at > ? ORDER BY created_at", (peer, kind, time.time())))
+
+    def expire_requests(self) -> int:
+        return self.db.execute("UPDATE requests SET status='expired' WHERE status='pending' AND expires_at <= ?",
+                               (time.time(),)).rowcount
+
+    # -- requests this site served (dserve --relay) -----------------------------------
+    def served(self, request_id: str) -> sqlite3.Row | None:
+        return self.db.execute("SELECT * FROM served WHERE request_id=?", (request_id,)).fetchone()
+
+    def note_served(self, request_id: str, peer: str, kind: str) -> bool:
+        """Record a request as received; False if its id was seen before (a replay)."""
+        cur = self.db.execute("INSERT OR IGNORE INTO served (request_id, peer, kind, received_at) VALUES (?,?,?,?)",
+                              (request_id, peer, kind, time.time()))
+        return cur.rowcount > 0
+
+    def finish_served(self, request_id: str, status: str, reason: str | None = None) -> None:
+        self.db.execute("UPDATE served SET status=?, reason=?, answered_at=? WHERE request_id=?",
+                        (status, reason, time.time(), request_id))
 
 
 def db_path(path: str) -> str | bytes:

@@ -4,7 +4,10 @@ Version 1 was the relay ledger (deposits, receipts, received envelopes). Version
 the whole exchange state: what was sealed for whom, what was opened and whether its receipt
 is owed, which peer each archived instance came from, and what was set aside. The state of
 each envelope is also kept on its ``sealed`` and ``received`` row, and partial indexes hold
-the few that still wait, so that dstatus reads a hundred thousand envelopes in milliseconds.
+the few that still wait, so that dstatus reads a hundred thousand envelopes in milliseconds. Version 3 adds the
+requests this site sent and served through the relay, and the state of its catalog as
+published to each peer: a hash and a version per row (one counter for the whole catalog,
+tombstones for removals), how far each peer has been sent, and the envelopes that carried it.
 """
 
 SCHEMA = [
@@ -70,5 +73,33 @@ SCHEMA = [
         id INTEGER PRIMARY KEY, at REAL NOT NULL, sender TEXT, what TEXT NOT NULL, reason TEXT NOT NULL,
         place TEXT NOT NULL);
     CREATE INDEX quarantine_sender ON quarantine (sender);
+    """,
+    # 3: searching and retrieving through the relay
+    """
+    CREATE TABLE requests (
+        request_id TEXT PRIMARY KEY, peer TEXT NOT NULL, kind TEXT NOT NULL, envelope_id TEXT NOT NULL,
+        created_at REAL NOT NULL, expires_at REAL NOT NULL, subject TEXT,
+        answered_at REAL, status TEXT NOT NULL DEFAULT 'pending', answer TEXT);
+    CREATE INDEX requests_peer ON requests (peer, status);
+    CREATE TABLE served (
+        request_id TEXT PRIMARY KEY, peer TEXT NOT NULL, kind TEXT NOT NULL, received_at REAL NOT NULL,
+        answered_at REAL, status TEXT NOT NULL DEFAULT 'received', reason TEXT);
+    CREATE INDEX served_peer ON served (peer, status);
+    CREATE TABLE catalog_rows (
+        level TEXT NOT NULL, uid TEXT NOT NULL, hash TEXT NOT NULL, version INTEGER NOT NULL,
+        removed INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (level, uid));
+    CREATE INDEX catalog_rows_version ON catalog_rows (version);
+    CREATE TABLE catalog_peers (
+        peer TEXT PRIMARY KEY, published_version INTEGER NOT NULL DEFAULT 0, published_at REAL);
+    CREATE TABLE catalog_state (
+        id INTEGER PRIMARY KEY CHECK (id = 1), catalog_id TEXT NOT NULL, created_at REAL NOT NULL,
+        index_id TEXT, version INTEGER NOT NULL DEFAULT 0);
+    CREATE TABLE catalog_envelopes (
+        envelope_id TEXT NOT NULL, peer TEXT NOT NULL, since INTEGER NOT NULL, through INTEGER NOT NULL,
+        sealed_at REAL NOT NULL, lost_seen INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (envelope_id, peer));
+    ALTER TABLE received ADD COLUMN channel TEXT NOT NULL DEFAULT 'envelope';
+    ALTER TABLE sent ADD COLUMN kind TEXT NOT NULL DEFAULT 'envelope';
+    ALTER TABLE sealed ADD COLUMN request_id TEXT;
+    ALTER TABLE received ADD COLUMN request_id TEXT;
     """,
 ]

@@ -12,7 +12,8 @@ from collections import defaultdict
 from .ledger import Ledger
 
 FIELDS = ("sealed", "not_deposited", "awaiting_receipt", "delivered", "oldest_awaiting_s",
-          "unopened", "receipts_owed", "quarantined", "incomplete_sets")
+          "unopened", "receipts_owed", "quarantined", "incomplete_sets", "requests_sent", "requests_answered",
+          "requests_pending", "requests_served", "requests_refused")
 
 # Totals are one scan of a narrow index; what still waits (usually few) comes from partial
 # indexes, and the latest times from one index lookup per peer.
@@ -21,9 +22,12 @@ _WAITING = ("SELECT peer, count(*), sum(deposited_at IS NULL), min(sealed_at) FR
             " WHERE receipt_at IS NULL AND lost_at IS NULL GROUP BY peer")
 _LAST_RECEIPT = "SELECT max(receipt_at) FROM sealed WHERE peer = ?"
 _PENDING = ("SELECT sender, sum(quarantined_at IS NULL AND removed_at IS NULL), sum(quarantined_at IS NOT NULL)"
-            " FROM received WHERE opened_at IS NULL GROUP BY sender")
+            " FROM received WHERE opened_at IS NULL AND channel = 'envelope' GROUP BY sender")
 _SENDERS = "SELECT DISTINCT sender FROM received"
 _LAST_RECEIVED = "SELECT max(received_at) FROM received WHERE sender = ?"
+_REQUESTS = ("SELECT peer, count(*), sum(status IN ('answered', 'refused')), sum(status = 'pending' AND expires_at > ?)"
+             " FROM requests GROUP BY peer")
+_SERVED = "SELECT peer, sum(status = 'answered'), sum(status = 'refused') FROM served GROUP BY peer"
 _OTHERS = {
     "receipts_owed": "SELECT sender, count(*) FROM opened WHERE receipt_owed = 1 GROUP BY sender",
     "quarantined_relay": "SELECT sender, count(*) FROM quarantine GROUP BY sender",
@@ -53,6 +57,10 @@ def peer_status(ledger: Ledger, configured: list[str], now: float | None = None)
     for name, sql in _OTHERS.items():
         for peer, value in db.execute(sql):
             got[name][peer] = value
+    for peer, sent, answered, pending in db.execute(_REQUESTS, (now,)):
+        got["requests_sent"][peer], got["requests_answered"][peer], got["requests_pending"][peer] = sent, answered, pending
+    for peer, answered, refused in db.execute(_SERVED):
+        got["requests_served"][peer], got["requests_refused"][peer] = answered, refused
     names: list[str | None] = list(configured)
     for values in got.values():
         for peer in values:
@@ -74,6 +82,11 @@ def peer_status(ledger: Ledger, configured: list[str], now: float | None = None)
             "receipts_owed": got["receipts_owed"].get(peer, 0),
             "quarantined": int(got["quarantined_inbox"].get(peer, 0)) + int(got["quarantined_relay"].get(peer, 0)),  # type: ignore[arg-type]
             "incomplete_sets": got["incomplete_sets"].get(peer, 0),
+            "requests_sent": got["requests_sent"].get(peer, 0),
+            "requests_answered": got["requests_answered"].get(peer, 0),
+            "requests_pending": got["requests_pending"].get(peer, 0),
+            "requests_served": got["requests_served"].get(peer, 0),
+            "requests_refused": got["requests_refused"].get(peer, 0),
             "last_receipt_at": _iso(got["last_receipt"].get(peer)),
             "last_received_at": _iso(got["last_received"].get(peer)),
         }

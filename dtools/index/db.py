@@ -70,6 +70,20 @@ def from_db_path(value: str | bytes) -> str:
     return os.fsdecode(value) if isinstance(value, bytes) else value
 
 
+def statements(script: str) -> list[str]:
+    """The SQL statements of ``script``, whole: a trigger's body has semicolons of its own."""
+    out, pending = [], ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                out.append(pending.strip())
+            pending = ""
+    if pending.strip(" \n;"):
+        out.append(pending.strip())
+    return out
+
+
 def migrate(conn: sqlite3.Connection, current: int) -> None:
     """Apply migrations after ``current``, each in its own transaction."""
     for number in range(current, SCHEMA_VERSION):
@@ -79,9 +93,8 @@ def migrate(conn: sqlite3.Connection, current: int) -> None:
             if conn.execute("PRAGMA user_version").fetchone()[0] > number:
                 conn.execute("COMMIT")
                 continue
-            for statement in MIGRATIONS[number].split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+            for statement in statements(MIGRATIONS[number]):
+                conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {number + 1}")
             conn.execute("COMMIT")
         except BaseException:

@@ -11,6 +11,10 @@ matches if any of its rows below do). Matching, per key value:
 - Anything else: single value, exact.
 
 ``parse_keys`` validates keys up front and raises UsageError with what is allowed.
+
+A ``Scope`` says which tables a query reads: this site's archive (``LOCAL``), or the
+copies of peers' catalogs (``peer_scope``), which hold patients, studies and series
+but no instances and no free text.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any, Iterator, Sequence
 from ..errors import UsageError
 from .db import from_db_path
 from .dictionary import ENTRIES, TAGS
-from .schema import ALIAS, COMPUTED, FILE_FIELDS, LEVEL_ATTRS, LEVELS, PARENT, PN_ATTRS
+from .schema import ALIAS, CATALOG_LEVELS, COMPUTED, FILE_FIELDS, LEVEL_ATTRS, LEVELS, PARENT, PEER_TABLE, PN_ATTRS, TABLE
 
 # keyword -> level, for every key the index stores
 KEY_LEVEL: dict[str, str] = {kw: level for level, attrs in LEVEL_ATTRS.items() for kw in attrs}
@@ -85,8 +89,37 @@ def normalize_key(name: str) -> str:
     return raw
 
 
-def allowed_keys_text() -> str:
-    return ", ".join(k for level in LEVELS for k in LEVEL_KEYS[level])
+class Scope:
+    """The tables a query reads, and for peers' catalogs, whose rows (a plain class, like
+    Condition below, for start-up time)."""
+
+    __slots__ = ("tables", "levels", "peers")
+
+    def __init__(self, tables: dict[str, str], levels: tuple[str, ...], peers: tuple[str, ...] | None = None):
+        self.tables = tables
+        self.levels = levels
+        self.peers = peers  # None: this site's own archive
+
+    def __repr__(self) -> str:
+        return f"Scope({self.levels!r}, peers={self.peers!r})"
+
+    @property
+    def is_peer(self) -> bool:
+        return self.peers is not None
+
+
+LOCAL = Scope(TABLE, LEVELS)
+# what a usage error about a peer's catalog suggests instead
+LIVE_HINT = "ask the peer itself with --live"
+
+
+def peer_scope(peers: Sequence[str]) -> Scope:
+    """The copies of these peers' catalogs (patients, studies, series)."""
+    return Scope(PEER_TABLE, CATALOG_LEVELS, tuple(peers))
+
+
+def allowed_keys_text(scope: Scope = LOCAL) -> str:
+    return ", ".join(k for level in scope.levels for k in LEVEL_KEYS[level])
 
 
 # Plain classes, not dataclasses: building a dataclass costs start-up time that
@@ -96,7 +129,7 @@ class Condition:
 
     def __init__(self, level: str, sql: str, params: list | None = None):
         self.level = level
-        self.sql = sql  # with {a} for the table alias
+        self.sql = sql  # with {a} for the table alias and {series} for the series table
         self.params = [] if params is None else params
 
     def __repr__(self) -> str:
@@ -105,19 +138,24 @@ class Condition:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Condition) and (self.level, self.sql, self.params) == (other.level, other.sql, other.params)
 
+    def render(self, alias: str, scope: Scope) -> str:
+        return self.sql.format(a=alias, series=scope.tables["series"])
+
 
 class Query:
-    """A validated query: conditions per level, free text, and the level answered."""
+    """A validated query: conditions per level, free text, the level answered and the scope."""
 
-    __slots__ = ("level", "conditions", "text")
+    __slots__ = ("level", "conditions", "text", "scope")
 
-    def __init__(self, level: str, conditions: list[Condition] | None = None, text: str | None = None):
+    def __init__(self, level: str, conditions: list[Condition] | None = None, text: str | None = None,
+                 scope: Scope = LOCAL):
         self.level = level
         self.conditions = [] if conditions is None else conditions
         self.text = text
+        self.scope = scope
 
     def __repr__(self) -> str:
-        return f"Query({self.level!r}, {self.conditions!r}, {self.text!r})"
+        return f"Query({self.level!r}, {self.conditions!r}, {self.text!r}, {self.scope!r})"
 
 
 def _check_range_part(vr: str, part: str, key: str) -> None:
@@ -175,9 +213,9 @@ def condition(key: str, value: str) -> Condition | None:
         mods = [m for m in value.split("\\") if m]
         if any("*" in m or "?" in m for m in mods):
             ors = " OR ".join("se_m.Modality GLOB ?" for _ in mods)
-            return Condition("study", f"{{a}}.id IN (SELECT se_m.study_id FROM series se_m WHERE {ors})", [_glob(m) for m in mods])
+            return Condition("study", f"{{a}}.id IN (SELECT se_m.study_id FROM {{series}} se_m WHERE {ors})", [_glob(m) for m in mods])
         marks = ", ".join("?" for _ in mods)
-        return Condition("study", f"{{a}}.id IN (SELECT se_m.study_id FROM series se_m WHERE se_m.Modality IN ({marks}))", mods)
+        return Condition("study", f"{{a}}.id IN (SELECT se_m.study_id FROM {{series}} se_m WHERE se_m.Modality IN ({marks}))", mods)
     if key in COMPUTED or vr == "num" or LEVEL_ATTRS.get(level, {}).get(key) == "INTEGER":
         col = "mtime_ns" if key == "mtime" else key
         try:
@@ -228,16 +266,28 @@ def condition(key: str, value: str) -> Condition | None:
     return Condition(level, f"{{a}}.{col} = ?", [val])
 
 
+def _check_scope(level: str, text: str | None, scope: Scope) -> None:
+    if not scope.is_peer:
+        return
+    if level not in scope.levels:
+        raise UsageError(f"a peer's catalog holds patients, studies and series, not {level}s; "
+                         f"use --level {'|'.join(scope.levels)}, or {LIVE_HINT}")
+    if text:
+        raise UsageError(f"free text ({text!r}) is not in a peer's catalog; search it with Keyword=value "
+                         f"keys ({allowed_keys_text(scope)}), or {LIVE_HINT}")
+
+
 def parse_keys(level: str, keys: dict[str, str] | Sequence[tuple[str, str]], text: str | None = None,
-               strict: bool = True) -> Query:
-    """Validate ``keys`` for a query at ``level``.
+               strict: bool = True, scope: Scope = LOCAL) -> Query:
+    """Validate ``keys`` for a query at ``level`` in ``scope``.
 
     With ``strict=False`` (C-FIND), keys the index does not store are ignored instead of
     being a usage error.
     """
     if level not in LEVELS:
         raise UsageError(f"unknown level {level!r}; use one of {', '.join(LEVELS)}")
-    q = Query(level=level, text=text or None)
+    _check_scope(level, text or None, scope)
+    q = Query(level=level, text=text or None, scope=scope)
     items = keys.items() if isinstance(keys, dict) else keys
     for name, value in items:
         key = normalize_key(name)
@@ -250,9 +300,17 @@ def parse_keys(level: str, keys: dict[str, str] | Sequence[tuple[str, str]], tex
 
             if tag_for_keyword(key) is None and key not in FILE_FIELDS:
                 raise UsageError(f"unknown keyword {name!r}; keys are DICOM keywords such as PatientName or "
-                                 f"gggg,eeee tags. Searchable keys: {allowed_keys_text()}")
+                                 f"gggg,eeee tags. Searchable keys: {allowed_keys_text(scope)}")
+            if scope.is_peer:
+                raise UsageError(f"{key} is not in a peer's catalog; use one of: {allowed_keys_text(scope)}, "
+                                 f"or {LIVE_HINT}")
             raise UsageError(f"{key} is not a search key; search it as free text (a bare word), "
-                             f"or use one of: {allowed_keys_text()}")
+                             f"or use one of: {allowed_keys_text(scope)}")
+        if KEY_LEVEL[key] not in scope.levels:
+            if not strict:
+                continue
+            raise UsageError(f"{key} is an instance attribute, which a peer's catalog does not hold; "
+                             f"use one of {allowed_keys_text(scope)}, or {LIVE_HINT}")
         cond = condition(key, "" if value is None else str(value))
         if cond is not None:
             q.conditions.append(cond)
@@ -260,14 +318,14 @@ def parse_keys(level: str, keys: dict[str, str] | Sequence[tuple[str, str]], tex
 
 
 # -- SQL ---------------------------------------------------------------------------
-def _from(level: str, prefix: str = "") -> str:
-    """FROM clause joining ``level`` up to patient, with aliases (optionally prefixed)."""
-    a = {lv: prefix + ALIAS[lv] for lv in LEVELS}
-    sql = f"{level} {a[level]}"
+def _from(level: str, scope: Scope = LOCAL) -> str:
+    """FROM clause joining ``level`` up to patient, with aliases."""
+    a, t = ALIAS, scope.tables
+    sql = f"{t[level]} {a[level]}"
     child = level
     while child in PARENT:
         parent, fk = PARENT[child]
-        sql += f" JOIN {parent} {a[parent]} ON {a[parent]}.id = {a[child]}.{fk}"
+        sql += f" JOIN {t[parent]} {a[parent]} ON {a[parent]}.id = {a[child]}.{fk}"
         child = parent
     return sql
 
@@ -282,12 +340,18 @@ def build_where(q: Query) -> tuple[str, list]:
     params: list = []
     qd = _depth(q.level)
     lower: list[Condition] = []
+    scope = q.scope
     conditions = list(q.conditions)
     if q.text:
         conditions.append(Condition("instance", "{a}.id IN (SELECT rowid FROM instance_text WHERE instance_text MATCH ?)", [q.text]))
+    if scope.peers is not None:
+        # the joins go by row id, so the peer of the level answered is the peer of the whole row
+        marks = ", ".join("?" for _ in scope.peers)
+        conditions.append(Condition(q.level, f"{{a}}.peer IN ({marks})" if len(scope.peers) != 1 else "{a}.peer = ?",
+                                    list(scope.peers)))
     for c in conditions:
         if _depth(c.level) <= qd:
-            parts.append(c.sql.format(a=ALIAS[c.level]))
+            parts.append(c.render(ALIAS[c.level], scope))
             params.extend(c.params)
         else:
             lower.append(c)
@@ -298,13 +362,14 @@ def build_where(q: Query) -> tuple[str, list]:
         sub_levels = LEVELS[qd + 1 : deepest + 1]
         a2 = {lv: ALIAS[lv] + "2" for lv in sub_levels}
         bottom = sub_levels[-1]
-        sql = f"{bottom} {a2[bottom]}"
+        t = scope.tables
+        sql = f"{t[bottom]} {a2[bottom]}"
         for lv in reversed(sub_levels[:-1]):
             child = LEVELS[LEVELS.index(lv) + 1]
-            sql += f" JOIN {lv} {a2[lv]} ON {a2[lv]}.id = {a2[child]}.{PARENT[child][1]}"
+            sql += f" JOIN {t[lv]} {a2[lv]} ON {a2[lv]}.id = {a2[child]}.{PARENT[child][1]}"
         top = sub_levels[0]
         fk = PARENT[top][1]
-        inner = [c.sql.format(a=a2[c.level]) for c in lower]
+        inner = [c.render(a2[c.level], scope) for c in lower]
         for c in lower:
             params.extend(c.params)
         if q.text:
@@ -317,9 +382,9 @@ def build_where(q: Query) -> tuple[str, list]:
     return (" AND ".join(parts) or "1"), params
 
 
-def _select_columns(level: str) -> list[tuple[str, str]]:
+def _select_columns(level: str, scope: Scope = LOCAL) -> list[tuple[str, str]]:
     """(keyword, SQL expression) of every field a record at ``level`` carries."""
-    cols: list[tuple[str, str]] = []
+    cols: list[tuple[str, str]] = [("peer", f"{ALIAS[level]}.peer")] if scope.is_peer else []
     for lv in LEVELS[: _depth(level) + 1]:
         for kw in LEVEL_ATTRS[lv]:
             cols.append((kw, f"{ALIAS[lv]}.{kw}"))
@@ -343,7 +408,7 @@ def _run(conn: sqlite3.Connection, sql: str, params: list, text: str | None):
 
 def count(conn: sqlite3.Connection, q: Query) -> int:
     where, params = build_where(q)
-    sql = f"SELECT count(*) FROM {_from(q.level)} WHERE {where}"
+    sql = f"SELECT count(*) FROM {_from(q.level, q.scope)} WHERE {where}"
     return _run(conn, sql, params, q.text).fetchone()[0]
 
 
@@ -353,11 +418,13 @@ def run_query(conn: sqlite3.Connection, q: Query, fields: Sequence[str] | None =
 
     Without ``fields`` a record carries every non-empty attribute of its level and the
     levels above. With ``fields`` it carries exactly those keys (None when empty), which
-    is what C-FIND returns.
+    is what C-FIND returns. Records from a peer's catalog carry ``peer`` right after ``kind``,
+    with ``fields`` too.
     """
-    cols = _select_columns(q.level)
+    cols = _select_columns(q.level, q.scope)
     where, params = build_where(q)
-    sql = f"SELECT {', '.join(expr for _, expr in cols)} FROM {_from(q.level)} WHERE {where} ORDER BY {ALIAS[q.level]}.id"
+    sql = (f"SELECT {', '.join(expr for _, expr in cols)} FROM {_from(q.level, q.scope)} WHERE {where}"
+           f" ORDER BY {ALIAS[q.level]}.id")
     if limit is not None:
         sql += " LIMIT ? OFFSET ?"
         params = params + [int(limit), int(offset)]
@@ -367,6 +434,7 @@ def run_query(conn: sqlite3.Connection, q: Query, fields: Sequence[str] | None =
     names = [name for name, _ in cols]
     multi = {name for name in names if is_multivalued(name)}
     wanted = list(fields) if fields else None
+    head = ["peer"] if q.scope.is_peer else []
     for row in _run(conn, sql, params, q.text):
         rec: dict[str, Any] = {"kind": q.level}
         for name, value in zip(names, row):
@@ -380,18 +448,18 @@ def run_query(conn: sqlite3.Connection, q: Query, fields: Sequence[str] | None =
                 value = value.split("\\")
             rec[name] = value
         if wanted is not None:
-            rec = {"kind": q.level, **{k: rec.get(k) for k in wanted}}
+            rec = {"kind": q.level, **{k: rec[k] for k in head}, **{k: rec.get(k) for k in wanted if k not in head}}
         yield rec
 
 
 def find(conn: sqlite3.Connection, level: str, keys: dict[str, str], text: str | None = None,
          fields: Sequence[str] | None = None, limit: int | None = None, offset: int = 0,
-         strict: bool = True) -> Iterator[dict]:
-    """Match ``keys`` (and free ``text``) at ``level``; see the module docstring."""
-    q = parse_keys(level, keys, text, strict=strict)
+         strict: bool = True, scope: Scope = LOCAL) -> Iterator[dict]:
+    """Match ``keys`` (and free ``text``) at ``level`` in ``scope``; see the module docstring."""
+    q = parse_keys(level, keys, text, strict=strict, scope=scope)
     if fields:
         for f in fields:
             key = normalize_key(f)
             if key not in KEY_LEVEL and key != "kind" and strict:
-                raise UsageError(f"unknown field {f!r}; fields are: {allowed_keys_text()}")
+                raise UsageError(f"unknown field {f!r}; fields are: {allowed_keys_text(scope)}")
     return run_query(conn, q, fields=[normalize_key(f) for f in fields] if fields else None, limit=limit, offset=offset)

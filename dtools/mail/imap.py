@@ -273,8 +273,22 @@ class ImapMailbox:
         return info
 
     @_guard
-    def wait(self, timeout: float) -> bool:
-        """IMAP IDLE until something arrives or ``timeout`` seconds pass."""
+    def wait(self, timeout: float, poll: float | None = None) -> bool:
+        """IMAP IDLE until something arrives or ``timeout`` seconds pass.
+
+        With ``poll``, a NOOP every ``poll`` seconds instead: servers announce new mail to
+        an IDLE client after a delay of their own (Dovecot: about half a second), which a
+        command waiting seconds for one answer should not pay."""
+        if poll is not None:
+            deadline = time.monotonic() + timeout
+            while True:
+                _, responses = self.client.noop()
+                if any(len(r) > 1 and r[1] in (b"EXISTS", b"RECENT") for r in responses):
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                time.sleep(min(poll, left))
         if not self.client.has_capability("IDLE"):
             time.sleep(min(timeout, 30))
             return True

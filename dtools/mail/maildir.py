@@ -176,13 +176,13 @@ class MaildirMailbox:
     def server_info(self) -> dict:
         return {"append_limit": None, "quota": None}
 
-    def wait(self, timeout: float) -> bool:
-        """Poll for new files (a Maildir has no IDLE)."""
+    def wait(self, timeout: float, poll: float | None = None) -> bool:
+        """Poll for new files (a Maildir has no IDLE), every ``poll`` seconds (default 0.5)."""
         assert self.current is not None
         before = {p.name for p in self._files()}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+            time.sleep(min(poll or 0.5, max(0.0, deadline - time.monotonic())))
             if {p.name for p in self._files()} - before:
                 return True
         return False

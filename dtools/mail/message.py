@@ -19,8 +19,14 @@ from typing import Callable
 
 from ..errors import InputError
 
-KIND_ENVELOPE = "envelope"
+KIND_ENVELOPE = "envelope"  # studies and catalogs, for the receive job
 KIND_RECEIPT = "receipt"
+KIND_REQUEST = "request"  # queries and retrieve requests, for the serving side (dserve --relay)
+KIND_ANSWER = "answer"  # answers and refusals, for whoever asked (dsearch --live, dretrieve)
+ENVELOPE_KINDS = (KIND_ENVELOPE, KIND_REQUEST, KIND_ANSWER)  # sealed envelopes, split into parts
+# Each kind has its own relay folder, so that the receive job, the serving side and a
+# command waiting for its answer never take each other's messages.
+FOLDER_SUFFIX = {KIND_ENVELOPE: "", KIND_RECEIPT: "", KIND_REQUEST: "-requests", KIND_ANSWER: "-answers"}
 
 H_KIND = "X-Dtools-Kind"
 H_ENVELOPE = "X-Dtools-Envelope"
@@ -31,8 +37,9 @@ H_PART_SHA = "X-Dtools-Part-SHA256"
 H_ENV_SHA = "X-Dtools-Envelope-SHA256"
 H_ENV_BYTES = "X-Dtools-Envelope-Bytes"
 H_SIGNATURE = "X-Dtools-Signature"
+H_REQUEST = "X-Dtools-Request"
 HEADER_FIELDS = (H_KIND, H_ENVELOPE, H_FROM, H_TO, H_PART, H_PART_SHA, H_ENV_SHA, H_ENV_BYTES, H_SIGNATURE,
-                 "Message-ID")
+                 H_REQUEST, "Message-ID")
 
 # Room left in --max-message-size for headers, the text part and MIME boundaries.
 HEADER_ALLOWANCE = 4096
@@ -43,6 +50,7 @@ _BLOCK = _LINE_RAW * 2048
 _ENVELOPE_ID = re.compile(r"^[0-9a-f]{8,128}$")
 _SITE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
+_REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
 _PART = re.compile(r"^([0-9]{1,6})/([0-9]{1,6})$")
 MAX_PARTS = 100000
 PART_SIG_CONTEXT = b"dtools-relay v1 part\x00"
@@ -71,17 +79,30 @@ def message_id(kind: str, envelope_id: str, to: str, part: int = 1, total: int =
     """Deterministic, so a rerun finds the copy it already deposited instead of adding another."""
     if kind == KIND_RECEIPT:
         return f"<dtools.receipt.{envelope_id}.{to}@dtools.invalid>"
+    if kind != KIND_ENVELOPE:
+        return f"<dtools.{kind}.{envelope_id}.{to}.{part}-{total}@dtools.invalid>"
     return f"<dtools.{envelope_id}.{to}.{part}-{total}@dtools.invalid>"
 
 
+def folder_of(url, site: str, kind: str) -> str:
+    """The relay folder where messages of ``kind`` for ``site`` go (BASE/SITE, BASE/SITE-requests...)."""
+    return url.folder(site + FOLDER_SUFFIX[kind])
+
+
+def check_request_id(value: object) -> str:
+    if not isinstance(value, str) or not _REQUEST_ID.match(value):
+        raise InputError(f"request id {str(value)[:80]!r} is not 32 lowercase hex digits")
+    return value
+
+
 def part_statement(kind: str, envelope_id: str, sender: str, to: str, part: int, total: int, part_sha256: str,
-                   envelope_sha256: str | None, envelope_bytes: int | None) -> bytes:
+                   envelope_sha256: str | None, envelope_bytes: int | None, request_id: str | None = None) -> bytes:
     """What a part's signature covers: every header a receiver acts on, and the part's digest.
 
     A stranger with write access to the relay can copy these headers but not sign them, so a
     forged part is recognised alone and the genuine set still completes."""
     fields = [kind, envelope_id, sender, to, f"{part}/{total}", part_sha256, envelope_sha256 or "",
-              "" if envelope_bytes is None else str(envelope_bytes)]
+              "" if envelope_bytes is None else str(envelope_bytes), request_id or ""]
     return PART_SIG_CONTEXT + "\n".join(fields).encode("ascii")
 
 
@@ -101,7 +122,7 @@ def build(kind: str, envelope_id: str, sender: str, to: str, payload: bytes | me
           part: int = 1, total: int = 1, envelope_sha256: str = "", envelope_bytes: int = 0,
           filename: str = "", content_type: str = "application/octet-stream",
           signature: bytes | None = None, sign: Callable[[bytes], bytes] | None = None,
-          date: float | None = None) -> bytearray:
+          date: float | None = None, request_id: str | None = None) -> bytearray:
     """One complete RFC 5322 message (CRLF line ends) carrying ``payload`` as a base64 attachment.
 
     ``sign`` (an envelope part): the sender's signing function, applied to the part's
@@ -110,11 +131,14 @@ def build(kind: str, envelope_id: str, sender: str, to: str, payload: bytes | me
     part_sha = hashlib.sha256(payload).hexdigest()
     if sign is not None:
         signature = sign(part_statement(kind, envelope_id, sender, to, part, total, part_sha,
-                                        envelope_sha256 or None, envelope_bytes or None))
+                                        envelope_sha256 or None, envelope_bytes or None, request_id))
     boundary = f"dtools-{part_sha[:32]}"
     if kind == KIND_RECEIPT:
         subject = f"dtools receipt {envelope_id}"
         text = "Signed dtools delivery receipt. It holds no patient data.\r\n"
+    elif kind != KIND_ENVELOPE:
+        subject = f"dtools {kind} {envelope_id} part {part}/{total}"
+        text = f"One part of a sealed dtools {kind}.\r\nThe attachment is encrypted.\r\n"
     else:
         subject = f"dtools envelope {envelope_id} part {part}/{total}"
         text = "One part of a sealed dtools envelope.\r\nThe attachment is encrypted; dmail-recv reassembles it.\r\n"
@@ -136,10 +160,12 @@ def build(kind: str, envelope_id: str, sender: str, to: str, payload: bytes | me
         fields.append((H_ENV_SHA, envelope_sha256))
     if envelope_bytes:
         fields.append((H_ENV_BYTES, str(envelope_bytes)))
+    if request_id:
+        fields.append((H_REQUEST, check_request_id(request_id)))
     if signature is not None:
         fields.append((H_SIGNATURE, base64.b64encode(signature).decode("ascii")))
     fields.append(("Content-Type", f'multipart/mixed;\r\n boundary="{boundary}"'))
-    name = filename or (f"{envelope_id}.{part:05d}.part" if kind == KIND_ENVELOPE else f"{envelope_id}.receipt.json")
+    name = filename or (f"{envelope_id}.receipt.json" if kind == KIND_RECEIPT else f"{envelope_id}.{part:05d}.part")
     out = bytearray(_headers(fields))
     out += b"\r\n"
     out += f"--{boundary}\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n{text}".encode("ascii")
@@ -168,11 +194,12 @@ class PartHeaders:
     envelope_bytes: int | None
     message_id: str | None
     signature: bytes | None = None
+    request_id: str | None = None
 
     def statement(self) -> bytes:
         """The bytes an envelope part's X-Dtools-Signature signs."""
         return part_statement(self.kind, self.envelope_id, self.sender, self.to, self.part, self.total,
-                              self.part_sha256, self.envelope_sha256, self.envelope_bytes)
+                              self.part_sha256, self.envelope_sha256, self.envelope_bytes, self.request_id)
 
 
 def parse_header_fields(raw: bytes) -> dict[str, str]:
@@ -183,7 +210,7 @@ def parse_header_fields(raw: bytes) -> dict[str, str]:
 def check_headers(fields: dict[str, str]) -> PartHeaders:
     """Validate the dtools headers of a message; InputError names what is wrong."""
     kind = fields.get(H_KIND.lower())
-    if kind not in (KIND_ENVELOPE, KIND_RECEIPT):
+    if kind not in (KIND_ENVELOPE, KIND_RECEIPT, KIND_REQUEST, KIND_ANSWER):
         raise InputError(f"not a dtools message ({H_KIND}: {str(kind)[:40]!r})")
     envelope_id = check_envelope_id(fields.get(H_ENVELOPE.lower()))
     sender = check_site(fields.get(H_FROM.lower()), "sender site")
@@ -210,11 +237,16 @@ def check_headers(fields: dict[str, str]) -> PartHeaders:
             signature = base64.b64decode(fields[H_SIGNATURE.lower()], validate=True)
         except (binascii.Error, ValueError):
             raise InputError(f"bad {H_SIGNATURE} header") from None
-    if kind == KIND_ENVELOPE and env_sha is None:
+    if kind in ENVELOPE_KINDS and env_sha is None:
         raise InputError(f"missing {H_ENV_SHA} header")
+    request_id = fields.get(H_REQUEST.lower())
+    if request_id is not None:
+        request_id = check_request_id(request_id)
+    elif kind in (KIND_REQUEST, KIND_ANSWER):
+        raise InputError(f"missing {H_REQUEST} header")
     return PartHeaders(kind, envelope_id, sender, to, part, total, part_sha, env_sha,
                        int(env_bytes) if env_bytes is not None else None,
-                       fields.get("message-id"), signature)
+                       fields.get("message-id"), signature, request_id)
 
 
 def split_message(raw: bytes) -> tuple[bytes, memoryview]:

@@ -70,7 +70,9 @@ class Receiver:
                  emit: Callable[[dict], None], fail: Callable[[str, str], None],
                  done_folder: str | None = None, part_timeout: float | None = None,
                  keep_opened: float | None = None, keep_delivered: float | None = None,
-                 rehand_after: float = 300.0,
+                 rehand_after: float = 300.0, kind: str = msg.KIND_ENVELOPE,
+                 want: Callable[[str, str | None], bool] | None = None,
+                 on_duplicate: Callable[[str], None] | None = None,
                  advance: Callable[..., None] = lambda n=1, total=None: None):
         self.config = config
         self.ledger = ledger
@@ -86,8 +88,15 @@ class Receiver:
         self.rehand_after = rehand_after
         self.advance = advance
         self.spool = config.dir("spool")
-        self.inbox = config.dir("inbox")
-        self.folder = url.folder(site)
+        # kind: which of the site's folders this receiver reads (envelopes and receipts for the
+        # receive job, requests for the serving side, answers for a command that asked);
+        # want(envelope_id, request_id): which of its messages to take, the others are left alone.
+        self.kind = kind
+        self.want = want
+        self.on_duplicate = on_duplicate  # a copy of an envelope received before came again
+        self.inbox = config.dir("inbox") if kind == msg.KIND_ENVELOPE else config.dir("inbox") / f"{kind}s"
+        self.inbox.mkdir(mode=0o700, exist_ok=True)
+        self.folder = msg.folder_of(url, site, kind)
         self.quarantine_folder = url.folder(f"{site}-quarantine")
         self.senders = Senders(config)
         self.passes = 0
@@ -109,12 +118,17 @@ class Receiver:
         self.ledger.set_uidvalidity(self.url.display, self.folder, uidvalidity)
         groups: dict[str, list[tuple[str, msg.PartHeaders]]] = defaultdict(list)
         receipts: list[tuple[str, msg.PartHeaders]] = []
+        kinds = (msg.KIND_ENVELOPE, msg.KIND_RECEIPT) if self.kind == msg.KIND_ENVELOPE else (self.kind,)
         for uid, _size, head in self.box.list_messages():
             try:
                 h = msg.check_headers(msg.parse_header_fields(head))
                 if h.to != self.site:
                     raise InputError(f"addressed to {h.to}, not to this site ({self.site})")
-                if h.kind == msg.KIND_ENVELOPE:
+                if h.kind not in kinds:
+                    raise InputError(f"a {h.kind} message does not belong in folder {self.folder}")
+                if self.want is not None and not self.want(h.envelope_id, h.request_id):
+                    continue  # someone else's: another command waits for it
+                if h.kind in msg.ENVELOPE_KINDS:
                     self.senders.check_part(h)
             except InputError as exc:
                 sender = _claimed_sender(head)
@@ -126,7 +140,8 @@ class Receiver:
         for uid, h in receipts:
             self._receipt(uid, h)
         self._report_stale()
-        self._retention()
+        if self.kind == msg.KIND_ENVELOPE:
+            self._retention()
 
     def _quarantine(self, uids: list[str], what: str, reason: str, sender: str | None = None) -> None:
         """Set a damaged, forged or foreign message aside, where the administrator can look at it.
@@ -163,6 +178,8 @@ class Receiver:
             log.info("envelope %s was received already; removing %d duplicate message(s)%s", envelope_id,
                      len(items), "; its receipt will be sent again" if again else "")
             self._remove([uid for uid, _ in items])
+            if self.on_duplicate is not None:
+                self.on_duplicate(envelope_id)
             return
         setdir = self._set_dir(envelope_id)
         by_total: dict[int, dict[int, tuple[str, msg.PartHeaders]]] = defaultdict(dict)
@@ -220,12 +237,13 @@ class Receiver:
             self.ledger.drop_set(envelope_id)
             self._quarantine(uids, f"envelope {envelope_id}", str(exc), h.sender)
             return False
-        self.ledger.mark_received(envelope_id, h.sender, str(target), size, digest.hexdigest())
+        self.ledger.mark_received(envelope_id, h.sender, str(target), size, digest.hexdigest(), self.kind,
+                                  h.request_id)
         self._hand(self.ledger.received(envelope_id))
         return True
 
     def _hand(self, row) -> None:
-        self.emit({
+        rec = {
             "kind": "envelope",
             "path": row["path"],
             "envelope_id": row["envelope_id"],
@@ -233,14 +251,19 @@ class Receiver:
             "to": [self.site],
             "bytes": row["bytes"],
             "sha256": row["sha256"],
-        })
+        }
+        if row["request_id"]:
+            rec["request_id"] = row["request_id"]
+        self.emit(rec)
         self.ledger.mark_handed(row["envelope_id"])
         self.counts["envelopes"] += 1
 
     def _hand_on(self, handed_before: float | None) -> None:
         # Received but not opened yet: a pipeline killed after we printed it, a dseal --open
         # that failed, or another command (dmail-recv -q) that took it. Offer it again.
-        for row in self.ledger.to_hand_on(handed_before):
+        for row in self.ledger.to_hand_on(handed_before, self.kind):
+            if self.want is not None and not self.want(row["envelope_id"], row["request_id"]):
+                continue
             if Path(row["path"]).exists():
                 self._hand(row)
 

@@ -41,7 +41,9 @@ class Sender:
         self.insecure = insecure
         self._boxes: dict[RelayURL, Mailbox] = {}
 
-    def mailbox(self, peer: str) -> tuple[RelayURL, Mailbox]:
+    def mailbox(self, peer: str | None) -> tuple[RelayURL, Mailbox]:
+        """The open mailbox where ``peer``'s folders are (None: this site's own account);
+        one connection per relay account, shared."""
         url, key = relay_for(self.config, self.relay_flag, peer)
         box = self._boxes.get(url)
         if box is None:
@@ -63,8 +65,12 @@ class Sender:
 
     # -- envelopes ----------------------------------------------------------------
     def send_envelope(self, path: Path, envelope_id: str, peer: str, sha256: str | None = None,
-                      retry: bool = False, advance: Callable[[int], None] = lambda n: None) -> dict:
-        """Deposit one envelope for one peer; returns the ``message`` record."""
+                      retry: bool = False, advance: Callable[[int], None] = lambda n: None,
+                      kind: str = msg.KIND_ENVELOPE, request_id: str | None = None) -> dict:
+        """Deposit one envelope for one peer; returns the ``message`` record.
+
+        ``kind`` request or answer: a sealed request or answer, deposited in the peer's folder
+        for that kind, with ``request_id`` in its headers; the caller owns its retries."""
         msg.check_envelope_id(envelope_id)
         msg.check_site(peer, "peer name")
         path = Path(path)
@@ -80,7 +86,7 @@ class Sender:
             sha256 = sealed["sha256"]
         elif sha256 is None:
             sha256 = file_sha256(path)
-        if sealed is None:
+        if sealed is None and kind == msg.KIND_ENVELOPE:
             # Sealed elsewhere (or by an older dtools): from now on the ledger owns it, so a
             # failed deposit is retried by the next run.
             self.ledger.note_sealed(envelope_id, [peer], str(path.absolute()), size, sha256, None)
@@ -95,9 +101,10 @@ class Sender:
         else:
             part_size = msg.part_payload_size(self.limit(box))
         total = max(1, -(-size // part_size))
-        self.ledger.begin_send(envelope_id, peer, str(path.absolute()), size, sha256, part_size, total, url.display)
-        folder = url.folder(peer)
-        mids = {i: msg.message_id(msg.KIND_ENVELOPE, envelope_id, peer, i, total) for i in range(1, total + 1)}
+        self.ledger.begin_send(envelope_id, peer, str(path.absolute()), size, sha256, part_size, total, url.display,
+                               kind)
+        folder = msg.folder_of(url, peer, kind)
+        mids = {i: msg.message_id(kind, envelope_id, peer, i, total) for i in range(1, total + 1)}
         done = set() if retry else self.ledger.parts_done(envelope_id, peer)
         todo = [i for i in range(1, total + 1) if i not in done]
         present = box.present(folder, envelope_id, [mids[i] for i in todo]) if todo else set()
@@ -113,8 +120,8 @@ class Sender:
                     continue
                 f.seek((i - 1) * part_size)
                 chunk = f.read(part_size)
-                data = msg.build(msg.KIND_ENVELOPE, envelope_id, self.site, peer, chunk, part=i, total=total,
-                                 envelope_sha256=sha256, envelope_bytes=size,
+                data = msg.build(kind, envelope_id, self.site, peer, chunk, part=i, total=total,
+                                 envelope_sha256=sha256, envelope_bytes=size, request_id=request_id,
                                  sign=self.identity.sign if self.identity is not None else None)
                 del chunk
                 box.append(folder, data)
@@ -127,6 +134,35 @@ class Sender:
         rec = self._record(self.ledger.sent(envelope_id, peer), status)
         rec["appended"] = appended
         return rec
+
+    def deposit_pending(self, fail: Callable[[str, str], None],
+                        advance: Callable[[int], None] = lambda n: None) -> list[dict]:
+        """Deposit every envelope sealed here and not (completely) in the relay yet; returns the
+        ``message`` records. One whose file is gone is put back from its temporary (a seal
+        killed before its rename) or, failing that, reported once and its instances released
+        for sealing again."""
+        out = []
+        for row in self.ledger.undeposited():
+            if not Path(row["path"]).exists() and not self._recover(row):
+                fail(row["path"], f"envelope {row['envelope_id']} for {row['peer']} was sealed but its file is "
+                     "gone; its instances will be sealed again by the next 'dseal --to' for that peer")
+                continue
+            try:
+                out.append(self.send_envelope(Path(row["path"]), row["envelope_id"], row["peer"], row["sha256"],
+                                              advance=advance, request_id=row["request_id"]))
+            except InputError as exc:
+                fail(row["path"], f"cannot deposit: {exc}")
+        return out
+
+    def _recover(self, row) -> bool:
+        from ..dicom.archive import recover_temporary
+        from ..seal.memory import SealLock
+
+        with SealLock(self.config.dir("outbox")):  # a running dseal may be just about to rename it
+            if Path(row["path"]).exists() or recover_temporary(Path(row["path"])):
+                return True
+            self.ledger.mark_lost(row["envelope_id"], row["peer"])
+            return False
 
     def _record(self, row, status: str) -> dict:
         return {

@@ -1,4 +1,4 @@
-"""The dtools envelope format, version 1 (see dtools-envelope(5)): writing and reading.
+"""Sealing and opening envelopes (see dtools-envelope(5) and dtools.seal.format).
 
 A clear-text header (ids, sender, recipients, version) followed by a STREAM-style chunked
 AES-256-GCM ciphertext and a trailer: the sender's Ed25519 signature (or, in passphrase
@@ -8,318 +8,25 @@ in chunks, and hashing runs on a worker thread beside the cipher.
 
 from __future__ import annotations
 
-import base64
-import binascii
+import io
 import os
-import queue
-import re
-import struct
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
-import orjson
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.hpke import AEAD as HPKE_AEAD
-from cryptography.hazmat.primitives.hpke import KDF as HPKE_KDF
-from cryptography.hazmat.primitives.hpke import KEM as HPKE_KEM
-from cryptography.hazmat.primitives.hpke import Suite
-from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ..dicom.archive import check_relative_name, check_uid
 from ..errors import InputError
-from .keys import Identity, PeerKey, check_name
-
-MAGIC = b"DTENV\x00"
-VERSION = 1
-PRELUDE = struct.Struct(">6sBBI")  # magic, version, reserved (0), header length
-MAX_HEADER = 64 * 1024
-CHUNK = 1 << 20  # plaintext bytes per chunk
-TAG = 16
-MIN_CHUNK, MAX_CHUNK = 1 << 12, 1 << 24
-SIG_LEN = 64  # Ed25519
-MAC_LEN = 32  # HMAC-SHA256
-MODE_KEYS = "x25519"
-MODE_PASSPHRASE = "passphrase"
-AEAD_NAME = "AES-256-GCM"
-SUFFIX = ".dtenv"
-
-WRAP_INFO = b"dtools-envelope v1 wrap "
-PAYLOAD_INFO = b"dtools-envelope v1 payload key"
-MAC_INFO = b"dtools-envelope v1 mac key"
-SIG_CONTEXT = b"dtools-envelope v1 signature\x00"
-HPKE_SUITE = Suite(HPKE_KEM.X25519, HPKE_KDF.HKDF_SHA256, HPKE_AEAD.CHACHA20_POLY1305)
-
-# Argon2id, RFC 9106 second recommended option (64 MiB, 3 passes, 4 lanes).
-ARGON2 = {"alg": "argon2id", "t": 3, "m": 65536, "p": 4}
-_ARGON2_LIMITS = {"t": (1, 16), "m": (8192, 1 << 20), "p": (1, 16)}
-
-ENTRY_LEN = struct.Struct(">I")
-MAX_ENTRY = 64 * 1024
-MAX_FILE = 1 << 42
-_HEX_ID = re.compile(r"^[0-9a-f]{32}$")
-_FP = re.compile(r"^[0-9a-f]{32}$")
-
-
-def new_envelope_id() -> str:
-    return os.urandom(16).hex()
-
-
-def _sha256() -> hashes.Hash:
-    return hashes.Hash(hashes.SHA256())
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _unb64(text: object, what: str) -> bytes:
-    if not isinstance(text, str):
-        raise InputError(f"envelope header: {what} is missing")
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise InputError(f"envelope header: {what} is not valid base64") from None
-
-
-def _hkdf(key: bytes, salt: bytes, info: bytes) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(key)
-
-
-def passphrase_key(passphrase: bytes, kdf: dict) -> bytes:
-    """The 32-byte master key of a passphrase envelope (Argon2id with the header's salt)."""
-    salt = _unb64(kdf.get("salt"), "kdf salt")
-    return Argon2id(salt=salt, length=32, iterations=kdf["t"], lanes=kdf["p"], memory_cost=kdf["m"]).derive(passphrase)
-
-
-def _nonce(counter: int, last: bool) -> bytes:
-    # STREAM (Hoang, Reyhanitabar, Rogaway, Vizár): 88-bit big-endian counter, then the last-chunk flag.
-    return counter.to_bytes(11, "big") + (b"\x01" if last else b"\x00")
-
-
-class _Stage:
-    """A worker thread that runs submitted calls in order (hashing, writing).
-
-    SHA-256 and file writes release the GIL, so a stage runs beside AES on another core.
-    The queue is bounded, so memory stays constant. After a failure the stage still runs
-    the calls marked ``always`` (buffer releases), so the main thread never waits forever.
-    """
-
-    _STOP = object()
-
-    def __init__(self, name: str, depth: int = 8):
-        self.q: queue.Queue = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            item = self.q.get()
-            if item is self._STOP:
-                return
-            fn, args, always = item
-            if self.error is not None and not always:
-                continue
-            try:
-                fn(*args)
-            except BaseException as exc:  # handed to the main thread at the next submit/close
-                if self.error is None:
-                    self.error = exc
-
-    def submit(self, fn: Callable, *args, always: bool = False) -> None:
-        if self.error is not None and not always:
-            raise self.error
-        self.q.put((fn, args, always))
-
-    def call(self, fn: Callable):
-        """Run ``fn`` after everything submitted so far and return its result."""
-        done = threading.Event()
-        box: list = []
-        self.submit(lambda: box.append(fn()))
-        self.submit(done.set, always=True)
-        done.wait()
-        if self.error is not None:
-            raise self.error
-        return box[0]
-
-    def close(self) -> None:
-        self.q.put(self._STOP)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-    def abort(self, wait: float = 2.0) -> None:
-        """Stop after the current call. Waits at most ``wait`` seconds: an fsync stuck behind
-        other processes' writes must not hold up Ctrl-C or SIGTERM. A call still running
-        touches only its own open file, which the caller's cleanup unlinks."""
-        if self.thread.is_alive():
-            self.error = self.error or InputError("aborted")
-            try:  # drop what is queued so the stop marker fits
-                while True:
-                    self.q.get_nowait()
-            except queue.Empty:
-                pass
-            try:
-                self.q.put(self._STOP, timeout=wait)
-            except queue.Full:
-                return
-            self.thread.join(wait)
-
-
-def _write_all(out: IO[bytes], view: memoryview) -> None:
-    while view:  # an unbuffered write may be partial
-        n = out.write(view)
-        view = view[n:]
-
-
-class _Ring:
-    """Reusable chunk buffers. Fresh 1 MiB allocations cost page faults on every chunk;
-    a buffer returns to the ring only when the stage that reads it is done with it."""
-
-    def __init__(self, count: int, size: int):
-        self.bufs = [bytearray(size) for _ in range(count)]
-        self.views = [memoryview(b) for b in self.bufs]
-        self.free: queue.Queue = queue.Queue()
-        for i in range(count):
-            self.free.put(i)
-
-    def take(self) -> tuple[int, memoryview]:
-        i = self.free.get()
-        return i, self.views[i]
-
-    def give(self, i: int) -> None:
-        self.free.put(i)
-
-
-RING = 6  # buffers per ring: stage queue depth and what is in flight
-SYNC_DEPTH = 16  # written files (open descriptors, no buffers) waiting for their fsync
-FLUSH_EVERY = 32 << 20  # bytes written to a file between two early writebacks
-
-
-class _Flusher:
-    """Early writeback of a file being written, so that its final fsync finds little left.
-
-    Writing 1 GiB and then calling fsync waits for the whole writeback at the end; a
-    ``fdatasync`` every FLUSH_EVERY bytes, on its own thread, lets the disk work while the
-    CPU encrypts and hashes. It never replaces the final fsync: it only makes it short.
-    ``wrote`` is called by one thread only; at most one writeback waits behind the running one.
-    """
-
-    def __init__(self, fd: int | None, stage: _Stage | None = None, every: int | None = None):
-        self.fd = fd
-        self.own = stage is None and fd is not None
-        self.stage = _Stage("dseal-flush", 2) if self.own else stage
-        self.every = FLUSH_EVERY if every is None else every
-        self.pending = 0
-
-    @classmethod
-    def for_file(cls, out: IO[bytes]) -> "_Flusher":
-        try:
-            fd = out.fileno()
-        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
-            fd = None
-        return cls(fd)
-
-    def wrote(self, n: int, fd: int | None = None) -> None:
-        fd = self.fd if fd is None else fd
-        if self.stage is None or fd is None:
-            return
-        self.pending += n
-        if self.pending >= self.every and self.stage.q.empty():
-            self.pending = 0
-            self.stage.submit(_early_writeback, fd)
-
-    def reset(self) -> None:
-        self.pending = 0
-
-    def close(self) -> None:
-        if self.own and self.stage is not None:
-            self.stage.close()
-
-    def abort(self) -> None:
-        if self.own and self.stage is not None:
-            self.stage.abort()
-
-
-def _drop_cached(fd: int) -> None:
-    """Let the kernel drop the (clean, fsynced) cached pages of a file just written.
-
-    An archive receives studies for keeping, not for reading right away: without this a
-    1 GiB envelope pushes 1 GiB of other cached data out, and every page of it is a fresh
-    allocation. Dropped pages go straight back to the next files. Advice only: any
-    failure is ignored.
-    """
-    advise = getattr(os, "posix_fadvise", None)
-    if advise is not None:
-        try:
-            advise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        except OSError:
-            pass
-
-
-def _early_writeback(fd: int) -> None:
-    getattr(os, "fdatasync", os.fsync)(fd)
-
-
-# -- the payload entries ---------------------------------------------------------------
-@dataclass
-class Entry:
-    """One file in an envelope; ``name`` is its place in the archive layout."""
-
-    StudyInstanceUID: str
-    SeriesInstanceUID: str
-    SOPInstanceUID: str
-    size: int
-    name: str = ""
-    source: Path | None = None  # seal side: where the bytes come from
-    mtime_ns: int = 0  # seal side: the source's mtime, for the per-peer memory of what was sealed
-
-    def __post_init__(self) -> None:
-        if not self.name:
-            self.name = f"{self.StudyInstanceUID}/{self.SeriesInstanceUID}/{self.SOPInstanceUID}.dcm"
-
-    def to_json(self) -> bytes:
-        return orjson.dumps({
-            "type": "file",
-            "name": self.name,
-            "size": self.size,
-            "StudyInstanceUID": self.StudyInstanceUID,
-            "SeriesInstanceUID": self.SeriesInstanceUID,
-            "SOPInstanceUID": self.SOPInstanceUID,
-        }, option=orjson.OPT_SORT_KEYS)
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> "Entry":
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise InputError("payload entry is not valid JSON") from None
-        if not isinstance(obj, dict):
-            raise InputError("payload entry is not a JSON object")
-        kind = obj.get("type")
-        name = obj.get("name")
-        if kind in ("link", "symlink", "hardlink"):
-            raise InputError(f"payload entry {str(name)[:80]!r} is a link; links are not accepted")
-        if kind != "file":
-            raise InputError(f"payload entry {str(name)[:80]!r} has unknown type {str(kind)[:20]!r}")
-        if not isinstance(name, str):
-            raise InputError("payload entry has no name")
-        name = check_relative_name(name)
-        study = check_uid(obj.get("StudyInstanceUID"), "StudyInstanceUID")
-        series = check_uid(obj.get("SeriesInstanceUID"), "SeriesInstanceUID")
-        sop = check_uid(obj.get("SOPInstanceUID"), "SOPInstanceUID")
-        if name != f"{study}/{series}/{sop}.dcm":
-            raise InputError(f"payload entry name {name[:80]!r} does not match its UIDs")
-        size = obj.get("size")
-        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_FILE:
-            raise InputError(f"payload entry {name[:80]!r} has an invalid size")
-        return cls(study, series, sop, size, name)
-
+from .format import (  # noqa: F401  (the format's names are part of this module's interface)
+    AEAD_NAME, ARGON2, CHUNK, ENTRY_LEN, HPKE_SUITE, MAC_INFO, MAC_LEN, MAGIC, MAX_CHUNK, MAX_ENTRY, MAX_FILE,
+    MAX_HEADER, MIN_CHUNK, MODE_KEYS, MODE_PASSPHRASE, PAYLOAD_INFO, PRELUDE, SIG_CONTEXT, SIG_LEN, SUFFIX, TAG,
+    VERSION, WRAP_INFO, _HEX_ID, Entry, Header, _b64, _header_digest, _hkdf, _nonce, _sha256, _unb64, build_header,
+    new_envelope_id, passphrase_key, read_header,
+)
+from .keys import Identity, PeerKey
+from .pipeline import RING, SYNC_DEPTH, Flusher, Ring, Stage, drop_cached, write_all
 
 # -- sealing ---------------------------------------------------------------------------
 class _ChunkWriter:
@@ -329,9 +36,9 @@ class _ChunkWriter:
     ``writer``, each on its own thread: three streams of work beside AES on the main thread.
     """
 
-    def __init__(self, key: bytes, aad: bytes, sink: _Stage, hasher: _Stage, digest: hashes.Hash,
-                 out: IO[bytes], chunk: int = CHUNK, writer: _Stage | None = None,
-                 flusher: _Flusher | None = None):
+    def __init__(self, key: bytes, aad: bytes, sink: Stage, hasher: Stage, digest: hashes.Hash,
+                 out: IO[bytes], chunk: int = CHUNK, writer: Stage | None = None,
+                 flusher: Flusher | None = None):
         self.aead = AESGCM(key)
         self.flusher = flusher
         self.aad = aad
@@ -341,8 +48,8 @@ class _ChunkWriter:
         self.digest = digest
         self.out = out
         self.chunk = chunk
-        self.plain = _Ring(RING, chunk)
-        self.cipher = _Ring(RING, chunk + TAG)
+        self.plain = Ring(RING, chunk)
+        self.cipher = Ring(RING, chunk + TAG)
         self.idx, self.mv = self.plain.take()
         self.fill = 0
         self.counter = 0
@@ -419,20 +126,6 @@ class Sealed:
     digests: list[str] = field(default_factory=list)
 
 
-def build_header(envelope_id: str, sender: str, recipients: list[str], *, mode: str,
-                 from_fp: str | None = None, wraps: list[dict] | None = None, kdf: dict | None = None,
-                 chunk: int = CHUNK) -> bytes:
-    header: dict = {"v": VERSION, "id": envelope_id, "mode": mode, "aead": AEAD_NAME, "chunk": chunk,
-                    "from": sender}
-    if mode == MODE_KEYS:
-        header["from_fp"] = from_fp
-        header["to"] = wraps
-    else:
-        header["to"] = [{"name": n} for n in recipients]
-        header["kdf"] = kdf
-    body = orjson.dumps(header, option=orjson.OPT_SORT_KEYS)
-    return PRELUDE.pack(MAGIC, VERSION, 0, len(body)) + body
-
 
 def seal(out: IO[bytes], envelope_id: str, entries: list[Entry], *,
          identity: Identity | None = None, recipients: list[PeerKey] | None = None,
@@ -469,10 +162,10 @@ def seal(out: IO[bytes], envelope_id: str, entries: list[Entry], *,
     file_digest = _sha256()
     file_digest.update(head)
     out.write(head)
-    sink = _Stage("dseal-hash-ct", RING - 2)
-    write_stage = _Stage("dseal-write", RING - 2)
-    hasher = _Stage("dseal-hash", 4 * RING)
-    flusher = _Flusher.for_file(out)
+    sink = Stage("dseal-hash-ct", RING - 2)
+    write_stage = Stage("dseal-write", RING - 2)
+    hasher = Stage("dseal-hash", 4 * RING)
+    flusher = Flusher.for_file(out)
     digests: list[str] = []
     try:
         writer = _ChunkWriter(payload_key, aad, sink, hasher, file_digest, out, chunk, write_stage, flusher)
@@ -480,11 +173,14 @@ def seal(out: IO[bytes], envelope_id: str, entries: list[Entry], *,
             meta = entry.to_json()
             writer.write(ENTRY_LEN.pack(len(meta)) + meta)
             h = _sha256()
-            assert entry.source is not None
-            try:
-                f = open(entry.source, "rb")
-            except OSError as exc:
-                raise InputError(f"{entry.source}: cannot read ({exc.strerror})") from None
+            if entry.data is not None:  # a message: its bytes are in memory
+                f = io.BytesIO(entry.data)
+            else:
+                assert entry.source is not None
+                try:
+                    f = open(entry.source, "rb")
+                except OSError as exc:
+                    raise InputError(f"{entry.source}: cannot read ({exc.strerror})") from None
             with f:
                 try:
                     writer.copy_from(f, entry.size, h, advance)
@@ -520,94 +216,6 @@ def seal(out: IO[bytes], envelope_id: str, entries: list[Entry], *,
     file_digest.update(trailer)
     return Sealed(envelope_id, file_digest.finalize().hex(), written[0] + len(trailer), list(entries), digests)
 
-
-def _header_digest(head: bytes) -> bytes:
-    h = _sha256()
-    h.update(head)
-    return h.finalize()
-
-
-# -- reading -----------------------------------------------------------------------------
-@dataclass
-class Header:
-    raw: bytes
-    envelope_id: str
-    mode: str
-    sender: str
-    sender_fp: str | None
-    recipients: list[dict]
-    chunk: int
-    kdf: dict | None
-
-    @property
-    def recipient_names(self) -> list[str]:
-        return [r["name"] for r in self.recipients]
-
-
-def read_header(f: IO[bytes]) -> Header:
-    """Parse and check the clear-text header; raises InputError for anything else."""
-    pre = f.read(PRELUDE.size)
-    if len(pre) < PRELUDE.size or pre[:6] != MAGIC:
-        raise InputError("not a dtools envelope (bad magic)")
-    _magic, version, reserved, hlen = PRELUDE.unpack(pre)
-    if version != VERSION:
-        raise InputError(f"envelope format version {version} is not supported by this dtools; upgrade dtools")
-    if reserved != 0 or not 2 <= hlen <= MAX_HEADER:
-        raise InputError("envelope header is damaged")
-    body = f.read(hlen)
-    if len(body) != hlen:
-        raise InputError("envelope is truncated inside its header")
-    try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise InputError("envelope header is damaged (not JSON)") from None
-    if not isinstance(obj, dict):
-        raise InputError("envelope header is damaged")
-    if obj.get("v") != VERSION:
-        raise InputError("envelope header version does not match its prelude")
-    eid = obj.get("id")
-    if not isinstance(eid, str) or not _HEX_ID.match(eid):
-        raise InputError("envelope header has no valid envelope id")
-    if obj.get("aead") != AEAD_NAME:
-        raise InputError(f"envelope uses cipher {str(obj.get('aead'))[:20]!r}, which this dtools does not know")
-    chunk = obj.get("chunk")
-    if not isinstance(chunk, int) or isinstance(chunk, bool) or not MIN_CHUNK <= chunk <= MAX_CHUNK:
-        raise InputError("envelope header has an invalid chunk size")
-    mode = obj.get("mode")
-    try:
-        sender = check_name(obj.get("from"), "sender")
-    except Exception:
-        raise InputError("envelope header has no valid sender") from None
-    to = obj.get("to")
-    if not isinstance(to, list) or not to or len(to) > 1000 or not all(isinstance(r, dict) for r in to):
-        raise InputError("envelope header has no valid recipient list")
-    for r in to:
-        try:
-            check_name(r.get("name"), "recipient")
-        except Exception:
-            raise InputError("envelope header has an invalid recipient name") from None
-    kdf = None
-    fp = None
-    if mode == MODE_KEYS:
-        fp = obj.get("from_fp")
-        if not isinstance(fp, str) or not _FP.match(fp):
-            raise InputError("envelope header has no valid sender fingerprint")
-        for r in to:
-            if not isinstance(r.get("fp"), str) or not _FP.match(r["fp"]) or not isinstance(r.get("wrap"), str):
-                raise InputError("envelope header has an invalid recipient entry")
-    elif mode == MODE_PASSPHRASE:
-        kdf = obj.get("kdf")
-        if not isinstance(kdf, dict) or kdf.get("alg") != "argon2id":
-            raise InputError("envelope header has an unknown key derivation")
-        for k, (lo, hi) in _ARGON2_LIMITS.items():
-            v = kdf.get(k)
-            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-                raise InputError("envelope header has out-of-range key derivation parameters")
-        if len(_unb64(kdf.get("salt"), "kdf salt")) < 16:
-            raise InputError("envelope header has a short key derivation salt")
-    else:
-        raise InputError(f"envelope header has unknown mode {str(mode)[:20]!r}")
-    return Header(pre + body, eid, mode, sender, fp, to, chunk, kdf)
 
 
 class _PlainReader:
@@ -742,15 +350,15 @@ def open_envelope(f: IO[bytes], size: int, staging: Path, *, identity: Identity 
     file_digest = _sha256()
     file_digest.update(header.raw)
     aead = AESGCM(payload_key)
-    ct_ring = _Ring(RING, step)
-    pt_ring = _Ring(RING, header.chunk)
-    ct_stage = _Stage("dseal-hash-ct", RING - 2)
-    file_stage = _Stage("dseal-hash", 4 * RING)  # SHA-256 of each file, then hands on to write_stage
-    write_stage = _Stage("dseal-write", 4 * RING)
+    ct_ring = Ring(RING, step)
+    pt_ring = Ring(RING, header.chunk)
+    ct_stage = Stage("dseal-hash-ct", RING - 2)
+    file_stage = Stage("dseal-hash", 4 * RING)  # SHA-256 of each file, then hands on to write_stage
+    write_stage = Stage("dseal-write", 4 * RING)
     # fsync waits on the disk, not the CPU: on its own thread it overlaps the writes of the
     # next files instead of stalling the whole pipeline once per file.
-    sync_stage = _Stage("dseal-sync", SYNC_DEPTH)
-    flusher = _Flusher(None, sync_stage)
+    sync_stage = Stage("dseal-sync", SYNC_DEPTH)
+    flusher = Flusher(None, sync_stage)
 
     def chunks() -> Iterator[tuple[memoryview, Callable[[], None]]]:
         for i in range(n_chunks):
@@ -785,7 +393,7 @@ def open_envelope(f: IO[bytes], size: int, staging: Path, *, identity: Identity 
         write_stage.submit(write_piece, out, piece)
 
     def write_piece(out: IO[bytes], piece: memoryview) -> None:
-        _write_all(out, piece)
+        write_all(out, piece)
         flusher.wrote(len(piece), out.fileno())  # a big file starts its writeback early
 
     def finish_hash(out: IO[bytes], h: hashes.Hash, expected: bytes, entry: Entry, tmp: Path) -> None:
@@ -801,7 +409,7 @@ def open_envelope(f: IO[bytes], size: int, staging: Path, *, identity: Identity 
     def sync_file(out: IO[bytes], digest: bytes, entry: Entry, tmp: Path) -> None:
         out.flush()
         os.fsync(out.fileno())
-        _drop_cached(out.fileno())
+        drop_cached(out.fileno())
         out.close()
         files.append((entry, tmp, digest.hex()))
 
@@ -818,9 +426,10 @@ def open_envelope(f: IO[bytes], size: int, staging: Path, *, identity: Identity 
             if mlen > MAX_ENTRY:
                 raise InputError("payload entry header is too long (damaged envelope)")
             entry = Entry.from_json(reader.read_exact(mlen))
-            if entry.SOPInstanceUID in seen:
-                raise InputError(f"payload holds SOPInstanceUID {entry.SOPInstanceUID} twice")
-            seen.add(entry.SOPInstanceUID)
+            if not entry.is_message:
+                if entry.SOPInstanceUID in seen:
+                    raise InputError(f"payload holds SOPInstanceUID {entry.SOPInstanceUID} twice")
+                seen.add(entry.SOPInstanceUID)
             tmp = staging / f"{index:06d}.part"
             index += 1
             h = _sha256()

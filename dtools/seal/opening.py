@@ -17,7 +17,7 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import orjson
 
@@ -42,6 +42,8 @@ class OpenResult:
     refused: list[tuple[str, str]] = field(default_factory=list)  # (SOPInstanceUID, why): not placed
     replaced: list[tuple[str, str]] = field(default_factory=list)  # (SOPInstanceUID, where the old one went)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, why): placed but not indexed
+    messages: list[tuple[str, bytes]] = field(default_factory=list)  # (kind, JSON) of the message entries
+    catalog: Any = None  # with record: what a peer's catalog update changed in the index (index.peers.Applied)
 
 
 @dataclass
@@ -181,11 +183,15 @@ class Opener:
                 try:
                     opened = envelope.open_envelope(f, st.st_size, staging, identity=self.identity, peers=self.peers,
                                                     passphrase=self.passphrase, advance=advance)
-                    headers = [_check_payload(entry, tmp) for entry, tmp, _digest in opened.files]
+                    headers = [None if entry.is_message else _check_payload(entry, tmp)
+                               for entry, tmp, _digest in opened.files]
                     result = OpenResult(header.envelope_id, [], None, opened.peer, opened.sha256)
+                    result.messages = [(entry.kind, tmp.read_bytes()) for entry, tmp, _ in opened.files
+                                       if entry.is_message]
                     placed = self._commit(opened, result)
                     if record:
                         self._index(result, placed, headers)
+                        self._apply_messages(result, signed=opened.header.mode == envelope.MODE_KEYS)
                         self.remember(result.envelope_id, result.peer, result.sha256, len(result.records),
                                       archived=[(r["SOPInstanceUID"], r["sha256"]) for r in result.records])
                     return result
@@ -209,14 +215,19 @@ class Opener:
     def _commit(self, opened: envelope.Opened, result: OpenResult) -> list[int]:
         """Move the staged files into the archive; returns the indexes of the files placed."""
         # Check every target first, so a bad one leaves the archive untouched.
-        targets = []
+        targets: list[Path | None] = []
         for entry, _tmp, _digest in opened.files:
+            if entry.is_message:
+                targets.append(None)
+                continue
             target = archive_path(self.archive, entry.StudyInstanceUID, entry.SeriesInstanceUID, entry.SOPInstanceUID)
             _check_no_links(self.archive, target)
             targets.append(target)
         placed = []
         touched: dict[Path, None] = {}  # directories whose entries changed, in order
         for i, ((entry, tmp, digest), target) in enumerate(zip(opened.files, targets)):
+            if target is None:
+                continue
             if target.exists():
                 if target.stat().st_size == entry.size and _file_sha256(target) == digest:
                     self.log(f"{target}: already in the archive with the same content")
@@ -291,11 +302,7 @@ class Opener:
 
     def _index(self, result: OpenResult, placed: list[int], headers: list) -> None:
         """Index what was placed, so that 'opened' means in the archive and in the index."""
-        from ..index.db import open_index
-        from ..index.ingest import Indexer
-
-        if self._indexer is None:
-            self._indexer = Indexer(open_index(self.config.index_path))
+        self._index_conn()
         ix = self._indexer
         records = []
         try:
@@ -311,6 +318,24 @@ class Opener:
             ix.rollback()
             raise
         result.records = records
+
+    def _index_conn(self):
+        from ..index.db import open_index
+        from ..index.ingest import Indexer
+
+        if self._indexer is None:
+            self._indexer = Indexer(open_index(self.config.index_path))
+        return self._indexer.conn
+
+    def _apply_messages(self, result: OpenResult, signed: bool) -> None:
+        """Apply what messages carry for the index (a peer's catalog) before the envelope
+        is remembered as opened, so that opened still means applied."""
+        catalog = [data for kind, data in result.messages if kind == "catalog"]
+        if catalog:
+            from ..remote.catalog import apply_catalog
+
+            site = self.identity.name if self.identity is not None else None
+            result.catalog = apply_catalog(self._index_conn(), result.peer, catalog, signed=signed, site=site)
 
     def remember(self, envelope_id: str, peer: str, sha256: str, instances: int,
                  archived: list[tuple[str, str]] | None = None) -> None:

@@ -122,7 +122,7 @@ def collect(records: Iterable[dict], how: str, fail: Callable[[str, str], None],
 
 def seal_group(group: Group, outbox: Path, *, identity: Identity | None, recipients: list[PeerKey],
                sender: str, recipient_names: list[str], passphrase: bytes | None,
-               advance: Callable[[int], None], ledger=None) -> dict:
+               advance: Callable[[int], None], ledger=None, request_id: str | None = None) -> dict:
     """Write one envelope into ``outbox`` atomically; return its ``envelope`` record.
 
     With a ``ledger``, the envelope and the instances it carries are recorded for each
@@ -137,7 +137,7 @@ def seal_group(group: Group, outbox: Path, *, identity: Identity | None, recipie
         sealed = result[0]
         ledger.note_sealed(eid, recipient_names, str(target), sealed.bytes, sealed.sha256, len(group.entries), [
             (e.StudyInstanceUID, e.SeriesInstanceUID, e.SOPInstanceUID, str(e.source), e.size,
-             e.mtime_ns, digest) for e, digest in zip(sealed.entries, sealed.digests)])
+             e.mtime_ns, digest) for e, digest in zip(sealed.entries, sealed.digests)], request_id=request_id)
 
     with AtomicFile(target, 0o600, before_rename=remember) as out:
         result.append(envelope.seal(
