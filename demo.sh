@@ -2,7 +2,8 @@
 # dtools demo: two sites on this machine exchange a study through a Maildir relay.
 # Site A indexes sample studies, finds the CT studies of January 2026, seals them for
 # site B and sends them; site B receives, opens, indexes them and sends a signed
-# receipt back. Everything lives under ./demo, or $DTOOLS_DEMO_DIR (delete it to start over).
+# receipt back. Then site A shares its catalog with site B, which searches it and
+# retrieves A's MR studies. Everything lives under ./demo, or $DTOOLS_DEMO_DIR (delete it to start over).
 set -eu
 cd "$(dirname "$0")"
 if [ -x .venv/bin/dindex ]; then PATH="$PWD/.venv/bin:$PATH"; fi
@@ -54,6 +55,23 @@ dsearch --home "$B" --level study --table --fields PatientName,StudyDate,Modalit
 
 step "site A: the receipt comes back (the same receive line takes receipts)"
 receive "$A"
+
+step "site A grants site B its catalog and retrieval, once (dseal peers grant)"
+dseal --home "$A" peers grant site-b share retrieve
+
+step "site A: dserve --relay --once (from cron) publishes its catalog to site B"
+dserve --home "$A" --relay --once
+receive "$B" > /dev/null
+
+step "site B: search site A's archive from the copy of its catalog (dsearch --peer)"
+dsearch --home "$B" --peer site-a --level study --table --fields PatientName,StudyDate,ModalitiesInStudy
+
+step "site B: retrieve site A's MR studies (dretrieve --wait); site A's cron job answers meanwhile"
+( sleep 1; dserve --home "$A" --relay --once ) &
+dsearch --home "$B" --peer site-a --level study Modality=MR | dretrieve --home "$B" --wait 2m > /dev/null
+wait
+dsearch --home "$B" --level study --table --fields PatientName,StudyDate,ModalitiesInStudy
+receive "$A" > /dev/null  # the receipts for what site B opened
 
 step "where everything stands, at each site (dstatus)"
 dstatus --home "$A" --table

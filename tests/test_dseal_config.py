@@ -141,3 +141,33 @@ def test_peers_add_follows_a_symlinked_config(tmp_path):
     assert dseal(b, "peers", "add", "site-a", line_a).returncode == 0
     assert (b / "config.toml").is_symlink()
     assert "[peers.site-a]" in real.read_text()
+
+
+def test_peers_grant_writes_the_grants_and_keeps_the_file(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    b.mkdir()
+    (b / "config.toml").write_text(HAND_WRITTEN)
+    keygen(b, "site-b")
+    line_a = keygen(a, "site-a")
+    assert dseal(b, "peers", "add", "site-a", line_a).returncode == 0
+    before = (b / "config.toml").read_text()
+
+    r = dseal(b, "peers", "grant", "site-a", "share", "retrieve")
+    assert r.returncode == 0 and "may now have: share, retrieve" in r.stderr
+    text = (b / "config.toml").read_text()
+    assert text.startswith(before.split("[peers.site-a]")[0])  # comments and order kept
+    peer = tomllib.loads(text)["peers"]["site-a"]
+    assert peer["share"] is True and peer["retrieve"] is True and "query" not in peer
+    listed = dseal(b, "peers").stdout.decode()
+    assert "granted: share, retrieve" in listed
+
+    r = dseal(b, "peers", "grant", "--revoke", "site-a", "share")
+    assert r.returncode == 0 and "may now have: retrieve" in r.stderr
+    assert tomllib.loads((b / "config.toml").read_text())["peers"]["site-a"]["share"] is False
+
+    kept = (b / "config.toml").read_text()
+    for args, says in [(("site-a", "shares"), "unknown grant 'shares'"),
+                       (("site-x", "share"), "add it first with 'dseal peers add site-x")]:
+        r = dseal(b, "peers", "grant", *args)
+        assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert (b / "config.toml").read_text() == kept

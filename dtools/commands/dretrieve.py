@@ -173,6 +173,7 @@ def _take_delivery(app: cli.App, asker, requests: dict, deadline: float) -> int 
     finally:
         taker.close()
     # What arrived: the instance records of every study and series asked for, from the index.
+    here = 0
     if app.config.index_path.exists():
         conn = open_index(app.config.index_path, readonly=True)
         try:
@@ -181,8 +182,12 @@ def _take_delivery(app: cli.App, asker, requests: dict, deadline: float) -> int 
                     for uid in uids:
                         for rec in find(conn, "instance", {key: uid}):
                             app.emit({**rec, "peer": peer, "request_id": rid})
+                            here += 1
         finally:
             conn.close()
+    asked = sum(len(st) + len(se) for _p, st, se in requests.values())
+    app.info(f"{here} instance(s) of the {asked} stud{'y' if asked == 1 else 'ies'} or series asked for "
+             f"are in the local archive")
     for rid in silent:
         app.err(f"{requests[rid][0]} did not answer retrieve request {rid} in time; is 'dserve --relay' running "
                 "there? The request stays valid until it expires; run again with a longer --wait")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .. import cli, configfile
+from .. import cli
 from ..errors import ConfigError, InputError, TempFailure, UsageError
 from ..seal import keys
 from ..seal.opening import Opener
@@ -37,8 +37,9 @@ class _Group(click.Group):
            help="Seal DICOM files into signed, encrypted envelopes for named peers (--to), or open "
                 "envelopes into the archive (--open). FILE arguments, or records/paths on stdin, are the input. "
                 "Subcommands: 'keygen NAME' creates this site's keys, 'peers' lists known peers, "
-                "'peers add NAME IDENTITY' adds one.",
-           options_metavar="[OPTIONS] [FILE]...", subcommand_metavar="[keygen NAME | peers [add NAME IDENTITY]]")
+                "'peers add NAME IDENTITY' adds one, 'peers grant NAME share|query|retrieve' grants it access.",
+           options_metavar="[OPTIONS] [FILE]...",
+           subcommand_metavar="[keygen NAME | peers [add NAME IDENTITY | grant NAME GRANT...]]")
 @click.option("--to", "to", multiple=True, metavar="PEER",
               help="Seal for this peer (repeat for several); names from [peers.NAME] in config.toml.")
 @click.option("--open", "open_", is_flag=True, help="Open envelopes: verify, decrypt, write into the archive.")
@@ -293,112 +294,9 @@ def _quarantine(opener: Opener, path: Path, reason: str) -> str | None:
     return str(qdir)
 
 
-@dseal.command("keygen", context_settings=cli.CONTEXT_SETTINGS)
-@click.argument("name")
-@click.option("--force", is_flag=True,
-              help="Replace an existing identity, and the [site] name in config.toml (peers must then update theirs).")
-def keygen(name, force):
-    """Create this site's identity (X25519 + Ed25519) in HOME/keys, write [site] name into
-    config.toml if it has none, and print the public line."""
-    app = click.get_current_context().obj
-    config = app.config
-    keys.check_name(name)
-    configured = config.file_value("site.name")
-    if configured not in (None, name) and not force:
-        raise ConfigError(f"{config.path} names this site {configured!r}, not {name!r}; run 'dseal keygen {configured}', "
-                          f"or --force to rename the site (its peers must then update their config)")
-    ident = keys.generate_identity(config, name, force=force)
-    line = keys.format_public_identity(ident.public())
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-    app.info(f"identity {name} written to {config.home / 'keys'}; fingerprint {ident.public().fingerprint}")
-    if configfile.edit(config.path, lambda doc: _set_site_name(doc, name)):
-        app.info(f"[site] name = \"{name}\" written to {config.path}")
-    app.info(f"at each peer, run: dseal peers add {name} \"{line}\"")
+from .dseal_admin import register  # noqa: E402  (the subcommands attach to the group above)
 
-
-def _set_site_name(doc, name: str) -> bool:
-    site = configfile.table(doc, "site")
-    if site.get("name") == name:
-        return False
-    site["name"] = name
-    return True
-
-
-@dseal.group("peers", context_settings=cli.CONTEXT_SETTINGS, invoke_without_command=True,
-             subcommand_metavar="[add NAME IDENTITY]")
-@click.pass_context
-def peers_cmd(ctx):
-    """List this site and the known peers with their fingerprints; 'add' adds a peer."""
-    if ctx.invoked_subcommand is not None:
-        return
-    app = ctx.obj
-    rows = []
-    try:
-        ident = keys.load_identity(app.config)
-        rows.append((ident.name, ident.public().fingerprint, "this site"))
-    except ConfigError:
-        app.info("this site has no identity yet; run 'dseal keygen NAME'")
-    for name, peer in sorted(keys.load_peers(app.config).items()):
-        rows.append((name, peer.fingerprint, "peer"))
-    width = max((len(r[0]) for r in rows), default=0)
-    for name, fp, what in rows:
-        sys.stdout.write(f"{name:<{width}}  {fp}  {what}\n")
-    sys.stdout.flush()
-    if len(rows) <= 1:
-        app.info("no peers configured; add one with: dseal peers add NAME \"<line printed by 'dseal keygen' there>\"")
-
-
-@peers_cmd.command("add", context_settings=cli.CONTEXT_SETTINGS)
-@click.argument("name")
-@click.argument("identity")
-@click.option("--force", is_flag=True, help="Replace the keys of a peer that is known already (it made new keys).")
-@click.option("--rename", is_flag=True,
-              help="Know the peer as NAME although its identity names it otherwise.")
-def peers_add(name, identity, force, rename):
-    """Add a peer to config.toml: [peers.NAME] identity = IDENTITY, the line that
-    'dseal keygen' printed at that site. The rest of the file is kept as it is."""
-    app = click.get_current_context().obj
-    config = app.config
-    keys.check_name(name, "peer name")
-    key = keys.parse_public_identity(identity)
-    if key.name != name and not rename:
-        raise ConfigError(f"the identity names the site {key.name!r}, not {name!r}; relay folders and receipts use "
-                          f"the site's own name, so run 'dseal peers add {key.name} ...', or --rename to know it "
-                          f"as {name!r} anyway")
-    try:
-        own = keys.load_identity(config)
-    except ConfigError:
-        own = None
-    if own is not None and own.public().same_keys(key):
-        raise ConfigError("that is this site's own identity; add the line printed by 'dseal keygen' at the peer")
-    for other, peer in keys.load_peers(config).items():
-        if other != name and peer.same_keys(key) and not force:
-            raise ConfigError(f"these keys are known already as peer {other!r}; use --force to know them under "
-                              f"{name!r} too")
-    line = keys.format_public_identity(key)
-
-    def change(doc) -> bool:
-        entry = configfile.table(doc, "peers", name)
-        old = entry.get("identity")
-        if old is not None and str(old).split() == line.split():
-            return False
-        if old is not None and not force:
-            try:
-                was = f" (fingerprint {keys.parse_public_identity(str(old)).fingerprint})"
-            except ConfigError:
-                was = ""
-            raise ConfigError(f"peer {name!r} is known already with other keys{was}; if it made new keys, compare "
-                              f"the new fingerprint {key.fingerprint} with it and rerun with --force")
-        entry["identity"] = line
-        return True
-
-    if configfile.edit(config.path, change):
-        app.info(f"peer {name} added to {config.path}; fingerprint {key.fingerprint}: compare it with "
-                 f"what 'dseal peers' shows at {key.name}")
-    else:
-        app.info(f"peer {name} is known already with these keys; nothing changed")
-
+register(dseal)
 
 main = cli.entry(dseal)
 
