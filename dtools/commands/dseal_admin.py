@@ -21,7 +21,7 @@ def register(group: click.Group) -> None:
     group.add_command(peers_cmd)
 
 
-@click.command("keygen", context_settings=cli.CONTEXT_SETTINGS)
+@click.command("keygen", cls=cli.Command, context_settings=cli.CONTEXT_SETTINGS)
 @click.argument("name")
 @click.option("--force", is_flag=True,
               help="Replace an existing identity, and the [site] name in config.toml (peers must then update theirs).")
@@ -53,7 +53,7 @@ def _set_site_name(doc, name: str) -> bool:
     return True
 
 
-@click.group("peers", context_settings=cli.CONTEXT_SETTINGS, invoke_without_command=True,
+@click.group("peers", cls=cli.Group, context_settings=cli.CONTEXT_SETTINGS, invoke_without_command=True,
              subcommand_metavar="[add NAME IDENTITY | grant NAME GRANT...]")
 @click.pass_context
 def peers_cmd(ctx):
