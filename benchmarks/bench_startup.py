@@ -31,7 +31,7 @@ from common import machine
 
 TARGET_MS = 60.0
 BIN = Path(sys.executable).parent
-COMMANDS = ["dindex", "dsearch", "dseal", "dmail-send", "dmail-recv", "dserve", "dstore", "dstatus", "danon"]
+COMMANDS = ["dindex", "dsearch", "dseal", "dmail-send", "dmail-recv", "dserve", "dstore", "dstatus", "danon", "dretrieve"]
 CONFIG = """\
 [site]
 name = "site-a"
