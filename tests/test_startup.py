@@ -67,3 +67,26 @@ def test_dsearch_count_does_not_load_pydicom(tmp_path):
         p, heavy = probe("dsearch", *args, heavy=("pydicom", "rich", "orjson", "sqlite_utils"), env=env)
         assert p.returncode == 0 and p.stdout == "0\n", p.stderr
         assert heavy == [], f"dsearch {' '.join(args)} imports {heavy}"
+
+
+def test_dsearch_peer_does_not_load_pydicom(tmp_path):
+    """Records from a peer's catalog carry dtools' own field "peer": knowing that it is single
+    valued must not cost the import of pydicom (0.3 s) on every search."""
+    import os
+
+    from catalog_sites import grant, publish, write_studies
+    from exchange import Exchange
+
+    ex = Exchange(tmp_path, f"maildir:{tmp_path}/relay", names=("site-a", "site-b"))
+    grant(ex.home("site-b"), "site-a")
+    write_studies(tmp_path / "data", 0, 2)
+    ex.ok("site-b", f"dindex -q {tmp_path / 'data'} >/dev/null")
+    publish(ex.home("site-b"))
+    ex.ok("site-b", "dmail-send")
+    ex.receive("site-a")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DTOOLS_")}
+    env.update(ex.env, DTOOLS_HOME=str(ex.home("site-a")))
+    for args in (["--peer", "site-b"], ["--peer", "all", "--level", "series", "Modality=CT"]):
+        p, heavy = probe("dsearch", *args, heavy=("pydicom",), env=env)
+        assert p.returncode == 0 and '"peer":"site-b"' in p.stdout, p.stderr
+        assert heavy == [], f"dsearch {' '.join(args)} imports {heavy}"

@@ -64,6 +64,8 @@ def is_multivalued(keyword: str) -> bool:
     entry = ENTRIES.get(keyword)
     if entry is not None:
         return entry[2] != "1"
+    if not keyword[:1].isupper():
+        return False  # dtools' own fields (peer, path, size...): no need to load pydicom to know
     from pydicom.datadict import dictionary_VM
 
     try:
