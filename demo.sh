@@ -27,7 +27,10 @@ dseal --home "$B" peers add site-a "$(cat "$A/keys/identity.pub")"
 dseal --home "$A" peers
 
 step "site A: index sample studies (CT and MR, names in several character sets)"
-[ -d "$DEMO/data" ] || python -m dtools.sample "$DEMO/data" --studies 8
+if [ ! -d "$DEMO/data" ]; then  # written aside, then renamed: a demo killed midway writes it again
+    rm -rf "$DEMO/data.part"
+    python -m dtools.sample "$DEMO/data.part" --studies 8 && mv "$DEMO/data.part" "$DEMO/data"
+fi
 dindex --home "$A" -q "$DEMO/data"
 dsearch --home "$A" --level study --table --fields PatientName,StudyDate,ModalitiesInStudy,StudyDescription
 
