@@ -751,3 +751,22 @@ def test_acceptor_takes_the_callers_first_syntax():
     result[0]._as_scu = True  # a C-GET storage context: we send on it
     prefer_caller_order(result, [rq], [ac])
     assert result[0].transfer_syntax == [ele]
+
+
+def test_the_indexer_does_not_run_code_from_the_working_directory(tmp_path, monkeypatch):
+    """dserve started in a directory others can write to: a 'dtools' package there is not the
+    one its indexer runs."""
+    rogue = tmp_path / "shared"
+    (rogue / "dtools" / "net").mkdir(parents=True)
+    marker = tmp_path / "ran-rogue-code"
+    for init in (rogue / "dtools" / "__init__.py", rogue / "dtools" / "net" / "__init__.py"):
+        init.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (rogue / "dtools" / "net" / "indexproc.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.chdir(rogue)
+    srv = make_server(tmp_path)
+    try:
+        assert store_files(srv, [make_instance(tmp_path / "a.dcm")]) == [0]
+        assert srv.indexer.indexed == 1
+    finally:
+        srv.shutdown(2)
+    assert not marker.exists()

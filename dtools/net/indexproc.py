@@ -218,12 +218,18 @@ class IndexProcess:
     def start(self) -> None:
         # A copy of the records descriptor: the child's own 0 and 1 are its pipes to us.
         fd = None if self.records_fd is None else os.dup(self.records_fd)
-        argv = [sys.executable, "-m", "dtools.net.indexproc", str(self.index_path), str(self.batch),
+        # -P: "python -m" would otherwise put the working directory first on sys.path, and a
+        # dserve started in a directory others can write to would run their dtools package.
+        # The path to this dtools goes in PYTHONPATH instead, so the child runs this code.
+        argv = [sys.executable, "-P", "-m", "dtools.net.indexproc", str(self.index_path), str(self.batch),
                 "batch" if self.sync_files else "always", str(log.getEffectiveLevel()), "-" if fd is None else str(fd)]
+        here = str(Path(__file__).resolve().parents[2])
+        path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
         try:
             self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          pass_fds=() if fd is None else (fd,),
-                                         env={**os.environ, "DTOOLS_SITE_GROUP": security.group_name() or ""})
+                                         env={**os.environ, "DTOOLS_SITE_GROUP": security.group_name() or "",
+                                              "PYTHONPATH": path})
         except OSError as exc:
             self.error = f"cannot start the indexer ({exc.strerror or exc})"
             self.ready.set()
