@@ -156,3 +156,41 @@ def test_a_peer_that_does_not_grant_retrieve_refuses(sites, tmp_path):
     # an AE title nobody configured is still rejected
     res = run_tool(require_tool("echoscu"), "-aec", "SITE_X", "127.0.0.1", str(port))
     assert res.returncode != 0
+
+
+def test_orthanc_finds_and_moves_from_site_b(sites, tmp_path):
+    """A real PACS (Orthanc) with SITE_B as a modality: its C-FIND equals B's own dsearch, and
+    its C-MOVE of a study from SITE_B to itself lands every instance, byte for byte."""
+    from orthanc import Orthanc
+
+    ex = sites
+    serve(ex, "site-b")
+    port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", modalities={"siteb": ("SITE_B", "127.0.0.1", port)})
+    ex.set("site-a", "dserve.destinations", "ORTHANC", f'"127.0.0.1:{orthanc.dicom_port}"')
+    env = {**ex.env, "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}"}
+    a = start_dserve(ex.home("site-a"), port, "--relay", "-v", env=env)
+    ex.procs.append(a)  # type: ignore[attr-defined]
+    with orthanc:
+        orthanc.start()
+        _qid, answers = orthanc.query("siteb", "Study", {"StudyInstanceUID": "", "PatientID": "", "StudyDate": ""})
+        own = ex.ok("site-b", "dsearch --level study").records
+        assert sorted((a["StudyInstanceUID"], a["PatientID"], a["StudyDate"]) for a in answers) == sorted(
+            (r["StudyInstanceUID"], r["PatientID"], r["StudyDate"]) for r in own)
+        study = own[0]["StudyInstanceUID"]
+        job = orthanc.post("/modalities/siteb/move", {"Level": "Study", "Resources": [{"StudyInstanceUID": study}],
+                                                      "TargetAet": "ORTHANC", "Synchronous": True})
+        assert job == {} or job is None or "Failed" not in str(job), job
+        want = {r["SOPInstanceUID"]: r for r in ex.ok("site-b", f"dsearch StudyInstanceUID={study}").records}
+        got = {t["SOPInstanceUID"]: t for t in orthanc.instances()}
+        assert set(got) == set(want) and want
+        uid = next(iter(want))
+        assert dataset_bytes(orthanc.file(got[uid]["_id"])) == dataset_bytes(Path(want[uid]["path"]).read_bytes())
+    log = bytes(a.err).decode()
+    assert "to SITE_B (site-b, bridged)" in log and "asking site-b for 1 stud(ies)" in log
+
+
+def dataset_bytes(raw: bytes) -> bytes:
+    """A DICOM file's data set, without preamble and file meta."""
+    assert raw[128:132] == b"DICM"
+    return raw[144 + int.from_bytes(raw[140:144], "little"):]
