@@ -171,8 +171,7 @@ def test_orthanc_finds_and_moves_from_site_b(sites, tmp_path):
     env = {**ex.env, "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}"}
     a = start_dserve(ex.home("site-a"), port, "--relay", "-v", env=env)
     ex.procs.append(a)  # type: ignore[attr-defined]
-    with orthanc:
-        orthanc.start()
+    with orthanc:  # started here, stopped (by its process id) at the end
         _qid, answers = orthanc.query("siteb", "Study", {"StudyInstanceUID": "", "PatientID": "", "StudyDate": ""})
         own = ex.ok("site-b", "dsearch --level study").records
         assert sorted((a["StudyInstanceUID"], a["PatientID"], a["StudyDate"]) for a in answers) == sorted(
