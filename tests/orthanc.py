@@ -56,6 +56,8 @@ class Orthanc:
         self.stop()
 
     def start(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            return  # started already (by `with`): a second one would be left running
         self.workdir.mkdir(parents=True, exist_ok=True)
         cfg = self.workdir / "orthanc.json"
         cfg.write_text(json.dumps(self.config, indent=2))

@@ -92,7 +92,14 @@ def cmd(app: cli.App, aet, port, bind, allow, any_called_aet, destination, max_a
         timeout=cfg.get("dserve.timeout", 60.0, flag=timeout, type=float),
         sync=str(cfg.get("dserve.sync", "always", flag=sync)),
         any_called_aet=bool(cfg.get("dserve.accept_any_called_aet", flag=any_called_aet)),
+        bridges=bridges(cfg),
+        live_peers={n for n in cfg.section("peers") if cfg.get(f"peers.{n}.live")},
+        bridge_wait=cfg.get("dserve.bridge_wait", 300.0, type=float),
+        config=cfg,
     )
+    if settings.aet in settings.bridges:
+        raise ConfigError(f"--aet {settings.aet} is [peers.{settings.bridges[settings.aet]}] aet too; dserve and "
+                          "each bridged peer need AE titles of their own")
     if settings.sync not in ("always", "batch"):
         raise ConfigError(f"[dserve] sync = {settings.sync!r}: use \"always\" or \"batch\"")
     grace_s = cfg.get("dserve.grace", GRACE, flag=grace, type=float)
@@ -117,7 +124,11 @@ def cmd(app: cli.App, aet, port, bind, allow, any_called_aet, destination, max_a
         hint = "choose another --port" if exc.errno == errno.EADDRINUSE else "check --bind and --port (ports below 1024 need privileges)"
         raise ConfigError(f"cannot listen on {settings.bind}:{settings.port} ({exc.strerror or exc}); {hint}") from None
 
+    for bridged, peer in settings.bridges.items():
+        app.log.info("answering as %s for peer %s (the bridge)%s", bridged, peer,
+                     "" if serve_relay else "; without --relay, deferred forwards wait for 'dserve --relay --once'")
     app.info(f"listening on {settings.bind}:{settings.port} as {settings.aet}"
+             + (f" and {', '.join(settings.bridges)} (bridged peers)" if settings.bridges else "")
              + (" (and any called AE title)" if settings.any_called_aet else "")
              + (f", allowing {', '.join(settings.allow)}" if settings.allow else ""))
     relay_stop = threading.Event()
@@ -167,7 +178,43 @@ def cmd(app: cli.App, aet, port, bind, allow, any_called_aet, destination, max_a
 def _relay_service(app: cli.App, insecure: bool):
     from ..remote.service import RelayService
 
-    return RelayService(app.config, insecure=insecure, publish=_publisher(app), fail=app.fail)
+    return RelayService(app.config, insecure=insecure, publish=_publisher(app), fail=app.fail,
+                        chores=_forwarder(app))
+
+
+def _forwarder(app: cli.App):
+    """Deferred forwards of the bridge (when some peer has an AE title): on every pass, store
+    what has arrived since to its C-MOVE destination."""
+    if not bridges(app.config):
+        return None
+    from ..exchange.forwards import run_forwards
+
+    dests = destinations(app.config)
+    aet = check_aet(app.config.get("dserve.aet", DEFAULT_AET), "[dserve] aet")
+    timeout = app.config.get("dserve.timeout", 60.0, type=float)
+    return lambda: run_forwards(app.config, dests, aet, timeout)
+
+
+def bridges(config) -> dict[str, str]:
+    """``[peers.NAME] aet`` of every peer that has one: the AE titles dserve answers for them."""
+    out: dict[str, str] = {}
+    own = str(config.get("dserve.aet", DEFAULT_AET)).strip()
+    for name in sorted(config.section("peers")):
+        value = config.get(f"peers.{name}.aet")
+        if value is None:
+            continue
+        try:
+            aet = check_aet(str(value), f"[peers.{name}] aet")
+        except UsageError as exc:
+            raise ConfigError(f"{exc}; fix it in {config.path}") from None
+        if aet == own:
+            raise ConfigError(f"[peers.{name}] aet = {aet!r} is dserve's own AE title ([dserve] aet); give the peer "
+                              f"another in {config.path}")
+        if aet in out:
+            raise ConfigError(f"[peers.{name}] aet = {aet!r} is also [peers.{out[aet]}] aet; each peer needs its "
+                              f"own AE title ({config.path})")
+        out[aet] = name
+    return out
 
 
 def _publisher(app: cli.App):
@@ -187,7 +234,7 @@ def _relay_once(app: cli.App, insecure: bool) -> int | None:
         service.close()
     c = service.counts
     app.info(f"answered {c['answered']} request(s), refused {c['refused']}, published {c['published']} "
-             "catalog update(s)")
+             "catalog update(s)" + (f", completed {c['forwarded']} deferred forward(s)" if c["forwarded"] else ""))
     return None
 
 

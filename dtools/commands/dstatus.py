@@ -14,6 +14,7 @@ TABLE_COLUMNS = [
     ("delivered", "delivered"), ("oldest_awaiting_s", "oldest wait"), ("unopened", "unopened"),
     ("receipts_owed", "receipts owed"), ("quarantined", "quarantined"), ("incomplete_sets", "incomplete"),
     ("requests_pending", "asked, pending"), ("requests_served", "served"), ("requests_refused", "refused"),
+    ("forwards_waiting", "forwards"),
 ]
 
 

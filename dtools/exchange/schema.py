@@ -8,6 +8,8 @@ the few that still wait, so that dstatus reads a hundred thousand envelopes in m
 requests this site sent and served through the relay, and the state of its catalog as
 published to each peer: a hash and a version per row (one counter for the whole catalog,
 tombstones for removals), how far each peer has been sent, and the envelopes that carried it.
+Version 4 adds the bridge's deferred forwards: a C-MOVE through a peer's AE title whose study
+had not arrived in time, still to be stored to its destination when it does.
 """
 
 SCHEMA = [
@@ -101,5 +103,14 @@ SCHEMA = [
     ALTER TABLE sent ADD COLUMN kind TEXT NOT NULL DEFAULT 'envelope';
     ALTER TABLE sealed ADD COLUMN request_id TEXT;
     ALTER TABLE received ADD COLUMN request_id TEXT;
+    """,
+    # 4: the bridge's deferred forwards
+    """
+    CREATE TABLE forwards (
+        id INTEGER PRIMARY KEY, peer TEXT NOT NULL, request_id TEXT NOT NULL, destination TEXT NOT NULL,
+        studies TEXT NOT NULL, series TEXT NOT NULL, created_at REAL NOT NULL, expires_at REAL NOT NULL,
+        status TEXT NOT NULL DEFAULT 'waiting', attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT,
+        done_at REAL);
+    CREATE INDEX forwards_waiting ON forwards (status) WHERE status = 'waiting';
     """,
 ]

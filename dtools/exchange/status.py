@@ -13,7 +13,7 @@ from .ledger import Ledger
 
 FIELDS = ("sealed", "not_deposited", "awaiting_receipt", "delivered", "oldest_awaiting_s",
           "unopened", "receipts_owed", "quarantined", "incomplete_sets", "requests_sent", "requests_answered",
-          "requests_pending", "requests_served", "requests_refused")
+          "requests_pending", "requests_served", "requests_refused", "forwards_waiting")
 
 # Totals are one scan of a narrow index; what still waits (usually few) comes from partial
 # indexes, and the latest times from one index lookup per peer.
@@ -32,6 +32,7 @@ _OTHERS = {
     "receipts_owed": "SELECT sender, count(*) FROM opened WHERE receipt_owed = 1 GROUP BY sender",
     "quarantined_relay": "SELECT sender, count(*) FROM quarantine GROUP BY sender",
     "incomplete_sets": "SELECT sender, count(*) FROM spool_sets GROUP BY sender",
+    "forwards_waiting": "SELECT peer, count(*) FROM forwards WHERE status = 'waiting' GROUP BY peer",
 }
 
 
@@ -87,6 +88,7 @@ def peer_status(ledger: Ledger, configured: list[str], now: float | None = None)
             "requests_pending": got["requests_pending"].get(peer, 0),
             "requests_served": got["requests_served"].get(peer, 0),
             "requests_refused": got["requests_refused"].get(peer, 0),
+            "forwards_waiting": got["forwards_waiting"].get(peer, 0),
             "last_receipt_at": _iso(got["last_receipt"].get(peer)),
             "last_received_at": _iso(got["last_received"].get(peer)),
         }

@@ -38,6 +38,7 @@ MAX_ANSWER_RECORDS = 10000
 class RelayService:
     def __init__(self, config: Config, *, relay_flag: str | None = None, insecure: bool = False,
                  publish: Callable[["RelayService"], int] | None = None,
+                 chores: Callable[[], int] | None = None,
                  fail: Callable[[str, str], None] | None = None):
         self.config = config
         self.site = require_site(config)
@@ -52,7 +53,8 @@ class RelayService:
         self.rx = Receiver(config, self.ledger, self.site, url, self.box, emit=self._request, fail=self.fail,
                            kind=msg.KIND_REQUEST, on_duplicate=self._duplicate)
         self.publish = publish
-        self.counts = {"answered": 0, "refused": 0, "published": 0}
+        self.chores = chores  # dserve's deferred forwards: one look on every pass
+        self.counts = {"answered": 0, "refused": 0, "published": 0, "forwarded": 0}
 
     def close(self) -> None:
         self.sender.close()
@@ -66,6 +68,8 @@ class RelayService:
         if publish and self.publish is not None:
             self.counts["published"] += self.publish(self)
         self.sender.deposit_pending(self.fail)
+        if self.chores is not None:
+            self.counts["forwarded"] += self.chores()
 
     def run(self, stop: threading.Event, publish_every: float = 60.0, idle: float = 300.0) -> None:
         """Serve until ``stop`` is set: IDLE on the requests folder, a pass whenever mail comes,

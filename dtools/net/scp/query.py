@@ -54,6 +54,11 @@ class QueryService:
         self.server = server
 
     def on_find(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        bridge = self.server.bridge
+        peer = bridge.peer_of(event.assoc) if bridge is not None else None
+        if peer is not None:
+            yield from bridge.find(event, peer)
+            return
         calling = event.assoc.requestor.ae_title
         try:
             ident = event.identifier
@@ -157,7 +162,7 @@ def _convert(vr: str, value: Any) -> Any:
     return str(value)
 
 
-def response(wanted: list[Any], row: dict, level: str, aet: str) -> Dataset:
+def response(wanted: list[Any], row: dict, level: str, aet: str, availability: str = "ONLINE") -> Dataset:
     """A C-FIND response: the requested keys, filled from the index row."""
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"
@@ -169,7 +174,7 @@ def response(wanted: list[Any], row: dict, level: str, aet: str) -> Dataset:
         if kw == "RetrieveAETitle":
             value = aet
         elif kw == "InstanceAvailability":
-            value = "ONLINE"
+            value = availability
         elif kw and vr != "SQ" and kw in row:
             try:
                 value = _convert(vr, row[kw])

@@ -76,6 +76,7 @@ class Request:
         self.remaining = self.completed = self.failed = self.warnings = 0
         self.failed_uids: list[str] = []
         self.first_error: str | None = None
+        self.request_id: str | None = None  # through the bridge: the retrieve request sent to the peer
 
     def identifier(self) -> Dataset:
         from pynetdicom.dsutils import decode
@@ -141,6 +142,10 @@ class RetrieveService:
 
     def serve(self, service: Any, req: Any, context: Any, kind: str) -> None:
         """Answer one request (called by pynetdicom's association thread, see dtools.net.internals.acceptor)."""
+        bridge = self.server.bridge
+        peer = bridge.peer_of(service.assoc) if bridge is not None else None
+        if peer is not None:
+            return bridge.retrieve(service, req, context, kind, peer)
         r = Request(service, req, context, kind)
         try:
             ident = r.identifier()
@@ -158,6 +163,12 @@ class RetrieveService:
             if dest is None:
                 return r.refuse(MOVE_DESTINATION_UNKNOWN,
                                 f"move destination {dest_aet!r} unknown; add it under [dserve.destinations]")
+        self.deliver(r, service, keys, level, dest)
+
+    def deliver(self, r: Request, service: Any, keys: dict[str, str], level: str, dest: Any) -> None:
+        """Send the instances ``keys`` select in the local archive to ``dest`` (C-MOVE) or back
+        over the caller's association (C-GET, ``dest`` None), and answer with the counts."""
+        req = r.req
         try:
             items, unreadable = self.items(keys)
         except DtoolsError as exc:
@@ -194,7 +205,9 @@ class RetrieveService:
             log.error("C-MOVE from %s: %s", r.calling, reason)
             return r.respond(MOVE_DESTINATION_UNKNOWN, reason, counts=False)
         try:
-            self.sub_operations(r, sub, items, originator=(self.server.s.aet, req.MessageID))
+            # the AE title the caller called: dserve's own, or a bridged peer's
+            called = str(service.assoc.acceptor.ae_title or "").strip() or self.server.s.aet
+            self.sub_operations(r, sub, items, originator=(called, req.MessageID))
         finally:
             if sub.is_established:
                 sub.release()

@@ -2,8 +2,8 @@
 it is made of (storage.py, query.py, retrieve.py; Verification is answered here).
 
 A service is an object built with the Server that binds its DIMSE handlers in `handlers()`.
-A service answering for another AE title (the bridge to a peer site) would be one more
-Server on its own port, made of its own services.
+Associations that call a peer's AE title are answered on the same port by the bridge
+(bridge.py), which the Query and Retrieve services hand them to.
 """
 
 from __future__ import annotations
@@ -43,6 +43,11 @@ class ServerSettings:
     batch: int = 200
     sync: str = "always"  # "always": fsync before answering C-STORE; "batch": fsync with the index batch
     any_called_aet: bool = False  # accept associations whatever AE title they call
+    bridges: dict[str, str] = field(default_factory=dict)  # a peer's AE title -> the peer ([peers.NAME] aet)
+    live_peers: set[str] = field(default_factory=set)  # bridged peers asked live ([peers.NAME] live)
+    bridge_wait: float = 300.0  # how long a bridged C-MOVE/C-GET waits for the peer's study
+    forward_expiry: float = 7 * 86400.0  # how long a deferred forward waits for its study
+    config: Any = None  # the site's Config: the bridge asks peers through the relay
 
 
 class Server:
@@ -69,6 +74,11 @@ class Server:
         self.storage = StorageService(self)
         self.query = QueryService(self)
         self.retrieve = RetrieveService(self)
+        self.bridge = None
+        if settings.bridges:
+            from .bridge import Bridge
+
+            self.bridge = Bridge(self)
         self.indexer = IndexProcess(settings.index_path, emit, self._on_fatal, settings.batch,
                                     sync_files=settings.sync == "batch", records_fd=records_fd)
         self.indexer.start()  # its start-up overlaps ours; start() waits until it is ready
@@ -131,6 +141,7 @@ class Server:
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.storage.on_store),
             (evt.EVT_C_FIND, self.query.on_find),
+            *([(evt.EVT_REQUESTED, self.bridge.on_requested)] if self.bridge is not None else []),
             (evt.EVT_ACCEPTED, self.on_accepted),
             (evt.EVT_REJECTED, self.on_rejected),
         ]
@@ -201,7 +212,9 @@ class Server:
     # -- events ---------------------------------------------------------------------
     def on_accepted(self, event: Any) -> None:
         r = event.assoc.requestor
-        log.info("association from %s (%s:%s)", r.ae_title, r.address, r.port)
+        called = str(event.assoc.acceptor.ae_title or "").strip()
+        log.info("association from %s (%s:%s)%s", r.ae_title, r.address, r.port,
+                 f" to {called} ({self.s.bridges[called]}, bridged)" if called in self.s.bridges else "")
 
     def on_rejected(self, event: Any) -> None:
         assoc = event.assoc
@@ -215,8 +228,9 @@ class Server:
         reason = known.get((getattr(rj, "result_source", None), getattr(rj, "diagnostic", None)))
         if reason:
             why = reason
-        elif not self.s.any_called_aet and called != self.s.aet:
-            why = f"it called AE title {called!r}, not {self.s.aet!r} (see --any-called-aet)"
+        elif not self.s.any_called_aet and called != self.s.aet and called not in self.s.bridges:
+            known = ", ".join(repr(a) for a in [self.s.aet, *self.s.bridges])
+            why = f"it called AE title {called!r}, not {known} (see --any-called-aet)"
         elif self.s.allow and r.ae_title not in self.s.allow:
             why = "calling AE title not allowed (--allow)"
         else:
