@@ -61,7 +61,9 @@ def cmd(app: cli.App, aet, port, bind, allow, any_called_aet, destination, max_a
     C-FIND answers from the index (Patient Root and Study Root, every level); C-MOVE
     sends to destinations known by AE title; C-GET returns over the same association,
     each instance as stored or converted to a syntax the receiver accepts. Associations
-    must call --aet unless --any-called-aet is given.
+    must call --aet unless --any-called-aet is given, or a peer's AE title
+    ([peers.NAME] aet): the bridge answers those from the peer's catalog and fetches
+    its studies through the relay.
     """
     if once and not serve_relay:
         raise UsageError("--once applies to --relay: 'dserve --relay --once'")
