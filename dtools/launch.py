@@ -22,6 +22,12 @@ def _launcher(module: str, prog: str) -> "Callable[[], int]":
 
             sys.stdout.write(f"{prog} (dtools) {__version__}\n")
             return 0
+        if prog == "dsearch" and "--count" in sys.argv:
+            from .quickcount import run  # cron's "dsearch --count", answered without click
+
+            code = run(sys.argv[1:])
+            if code is not None:
+                return code
         from importlib import import_module
 
         return import_module(module).main()

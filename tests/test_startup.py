@@ -90,3 +90,32 @@ def test_dsearch_peer_does_not_load_pydicom(tmp_path):
         p, heavy = probe("dsearch", *args, heavy=("pydicom",), env=env)
         assert p.returncode == 0 and '"peer":"site-b"' in p.stdout, p.stderr
         assert heavy == [], f"dsearch {' '.join(args)} imports {heavy}"
+
+
+def test_dsearch_count_answers_without_click_and_as_the_full_command(tmp_path):
+    """Cron's `dsearch --count` is answered without click; every answer (count, error,
+    exit status) equals the full command's, run through the command module itself."""
+    import os
+
+    from dtools.sample import main as sample_main
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DTOOLS_")}
+    env["DTOOLS_HOME"] = str(tmp_path / "home")
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "config.toml").write_text('[site]\nname = "site-a"\n')
+    sample_main([str(tmp_path / "data"), "--studies", "4"])
+    p, _ = probe("dindex", "-q", str(tmp_path / "data"), env=env)
+    assert p.returncode == 0, p.stderr
+    cases = [["--count"], ["--count", "--level", "study"], ["-q", "--count", "-L", "series", "Modality=MR"],
+             ["--count", "StudyDate=20260101-20260331", "-k", "0010,0010=*"], ["--count", "--level=patient"],
+             ["--count", "StudyDate=2026-01-01"], ["--count", "NoSuchKey=1"], ["--count", "--level", "bogus"],
+             ["--count", "CT"], ["--count", "--home", str(tmp_path / "nowhere")]]
+    for args in cases:
+        quick, heavy = probe("dsearch", *args, heavy=("click",), env=env)
+        full = subprocess.run([sys.executable, "-m", "dtools.commands.dsearch", *args], capture_output=True,
+                              text=True, env=env, stdin=subprocess.DEVNULL, timeout=60)
+        assert (quick.returncode, quick.stdout) == (full.returncode, full.stdout), args
+        assert quick.stderr.replace("HEAVY click\n", "").replace("HEAVY \n", "") == full.stderr, args
+        if quick.returncode == 0 and args[0] != "--home" and "CT" not in args:
+            assert heavy == [], f"dsearch {' '.join(args)} imports {heavy}"
+    assert probe("dsearch", "--count", env=env)[0].stdout.strip() != "0"

@@ -3,7 +3,6 @@ copies of peers' catalogs that the index keeps, with the same engine."""
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from typing import Iterator
@@ -15,6 +14,7 @@ from ..errors import UsageError
 from ..index.db import open_index
 from ..index.query import count, parse_keys, peer_scope, run_query, normalize_key, KEY_LEVEL, allowed_keys_text
 from ..index.schema import LEVELS
+from ..index.terms import split_terms
 
 TABLE_FIELDS = {
     "patient": ["PatientID", "PatientName", "PatientBirthDate", "PatientSex", "NumberOfPatientRelatedStudies"],
@@ -24,24 +24,6 @@ TABLE_FIELDS = {
                "NumberOfSeriesRelatedInstances"],
     "instance": ["PatientName", "StudyDate", "Modality", "SeriesNumber", "InstanceNumber", "path"],
 }
-_TERM = r"(?s)^([A-Za-z][A-Za-z0-9]*|\(?[0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\)?)=(.*)$"  # compiled on first use
-
-
-def split_terms(terms, keys) -> tuple[list[tuple[str, str]], list[str]]:
-    """``Keyword=value`` terms (and -k keys) as key pairs; the other words are free text."""
-    pairs: list[tuple[str, str]] = []
-    words: list[str] = []
-    for term in list(keys) + list(terms):
-        m = re.match(_TERM, term)
-        if m:
-            pairs.append((m.group(1), m.group(2)))
-        elif term in keys:
-            raise UsageError(f"-k {term!r}: expected KEY=VALUE, e.g. -k PatientName=DOE* or -k 0010,0010=DOE*")
-        else:
-            words.append(term)
-    return pairs, words
-
-
 def quote_words(words: list[str]) -> str:
     return " ".join('"' + w.replace('"', '""') + '"' for w in words)
 
