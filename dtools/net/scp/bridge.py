@@ -22,11 +22,10 @@ from pydicom.dataset import Dataset
 
 from ...errors import DtoolsError
 from .query import LEVELS, identifier_keys, model_of, query_level, response
-from .retrieve import Request, retrieve_keys
+from .retrieve import Request
 from .statuses import (
     CANNOT_UNDERSTAND,
     IDENTIFIER_MISMATCH,
-    MOVE_DESTINATION_UNKNOWN,
     OUT_OF_RESOURCES,
     PENDING,
     SUCCESS,
@@ -148,21 +147,10 @@ class Bridge:
     def retrieve(self, service: Any, req: Any, context: Any, kind: str, peer: str) -> None:
         r = Request(service, req, context, kind)
         aet = str(service.assoc.acceptor.ae_title).strip()
-        try:
-            ident = r.identifier()
-            level = query_level(ident, model_of(req.AffectedSOPClassUID), retrieve=True)
-            keys = retrieve_keys(ident, level)
-        except QueryError as exc:
-            return r.refuse(exc.code, str(exc))
-        except Exception:  # noqa: BLE001
-            return r.refuse(CANNOT_UNDERSTAND, "cannot decode the identifier")
-        dest = None
-        if kind == "move":
-            dest_aet = str(req.MoveDestination or "").strip()
-            dest = self.server.s.destinations.get(dest_aet)
-            if dest is None:
-                return r.refuse(MOVE_DESTINATION_UNKNOWN,
-                                f"move destination {dest_aet!r} unknown; add it under [dserve.destinations]")
+        parsed = self.server.retrieve.parse(r)
+        if parsed is None:
+            return
+        level, keys, dest = parsed
         try:
             studies, series = self.targets(peer, level, keys)
         except QueryError as exc:

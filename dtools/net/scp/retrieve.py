@@ -147,23 +147,35 @@ class RetrieveService:
         if peer is not None:
             return bridge.retrieve(service, req, context, kind, peer)
         r = Request(service, req, context, kind)
+        parsed = self.parse(r)
+        if parsed is not None:
+            level, keys, dest = parsed
+            self.deliver(r, service, keys, level, dest)
+
+    def parse(self, r: Request) -> tuple[str, dict[str, str], Any] | None:
+        """The request's level, unique keys and (C-MOVE) destination; None once it has been
+        refused with its status."""
+        req = r.req
         try:
             ident = r.identifier()
             level = query_level(ident, model_of(req.AffectedSOPClassUID), retrieve=True)
             keys = retrieve_keys(ident, level)
         except QueryError as exc:
-            return r.refuse(exc.code, str(exc))
+            r.refuse(exc.code, str(exc))
+            return None
         except Exception as exc:  # noqa: BLE001 - undecodable identifier
             log.info("%s identifier from %s: %s", r.what, r.calling, exc)
-            return r.refuse(CANNOT_UNDERSTAND, "cannot decode the identifier")
+            r.refuse(CANNOT_UNDERSTAND, "cannot decode the identifier")
+            return None
         dest = None
-        if kind == "move":
+        if r.kind == "move":
             dest_aet = str(req.MoveDestination or "").strip()
             dest = self.server.s.destinations.get(dest_aet)
             if dest is None:
-                return r.refuse(MOVE_DESTINATION_UNKNOWN,
-                                f"move destination {dest_aet!r} unknown; add it under [dserve.destinations]")
-        self.deliver(r, service, keys, level, dest)
+                r.refuse(MOVE_DESTINATION_UNKNOWN,
+                         f"move destination {dest_aet!r} unknown; add it under [dserve.destinations]")
+                return None
+        return level, keys, dest
 
     def deliver(self, r: Request, service: Any, keys: dict[str, str], level: str, dest: Any) -> None:
         """Send the instances ``keys`` select in the local archive to ``dest`` (C-MOVE) or back
