@@ -193,3 +193,48 @@ def dataset_bytes(raw: bytes) -> bytes:
     """A DICOM file's data set, without preamble and file meta."""
     assert raw[128:132] == b"DICM"
     return raw[144 + int.from_bytes(raw[140:144], "little"):]
+
+
+def test_a_bridge_killed_mid_move_loses_nothing_and_the_study_travels_once(sites, tmp_path):
+    """Site A's dserve killed (its whole process group) while a C-MOVE waits for B's study;
+    restarted, the same C-MOVE completes: every instance at the destination, each once in A's
+    archive, and B sealed the study for A once."""
+    import signal
+
+    ex = sites
+    serve(ex, "site-b")
+    a, port = serve(ex, "site-a")
+    study = ex.ok("site-b", "dsearch --level study").records[0]["StudyInstanceUID"]
+    want = {r["SOPInstanceUID"] for r in ex.ok("site-b", f"dsearch StudyInstanceUID={study}").records}
+    scp = start_storescp(require_tool("storescp"), tmp_path / "moved", ex.dest_port)
+    argv = [require_tool("movescu"), "-S", "-aec", "SITE_B", "-aem", "STORESCP", "-k", "QueryRetrieveLevel=STUDY",
+            "-k", f"StudyInstanceUID={study}", "127.0.0.1", str(port)]
+    try:
+        first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.8)  # the request is out; B is answering
+        for pid in [a.pid, *children(a.pid)]:  # dserve and its indexer, as a killed process group
+            os.kill(pid, signal.SIGKILL)
+        first.wait(60)
+        a2, port2 = serve(ex, "site-a")
+        argv[-1] = str(port2)
+        res = run_tool(*argv)
+    finally:
+        stop(scp)
+    assert res.returncode == 0, res.stderr
+    moved = [str(pydicom.dcmread(p).SOPInstanceUID) for p in (tmp_path / "moved").iterdir()]
+    assert set(moved) == want
+    archived = ex.ok("site-a", f"dsearch StudyInstanceUID={study}").records
+    assert sorted(r["SOPInstanceUID"] for r in archived) == sorted(want)  # each once
+    import sqlite3
+
+    db = sqlite3.connect(ex.home("site-b") / "outbox" / "ledger.db")
+    sealed = db.execute("SELECT count(DISTINCT envelope_id), sum(instances) FROM sealed WHERE peer='site-a' "
+                        "AND instances > 0").fetchone()
+    assert sealed == (1, len(want)), sealed
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
