@@ -474,8 +474,11 @@ def test_parallel_rejections_are_reported_as_rejections(tmp_path):
     src = str(make_instance(tmp_path / "a.dcm"))
     runs: list = []
     try:
+        import os
+
+        env = {**os.environ, "DTOOLS_HOME": str(tmp_path / "client")}  # not the user's default home
         runs = [subprocess.Popen([cmd_path("dstore"), f"DTOOLS@127.0.0.1:{port}", src], stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE) for _ in range(24)]
+                                 stderr=subprocess.PIPE, env=env) for _ in range(24)]
         results = [(p.wait(300), p.stderr.read().decode(errors="replace")) for p in runs]
     finally:
         for p in runs:  # bounded: none outlives the test
