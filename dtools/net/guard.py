@@ -42,15 +42,19 @@ def _waiting(assoc: Any) -> bool:
 
 
 class AcceptorAE(AE):
-    """An AE whose association limit counts only associations that have made their request.
+    """An AE whose association limit counts only associations that have made their request
+    and have not ended.
 
     pynetdicom's negotiation compares len(active_associations) with maximum_associations;
-    connections still waiting for their request are left out (PendingConnections bounds them).
+    connections still waiting for their request are left out (PendingConnections bounds them),
+    and so are associations already released or aborted whose threads are still winding
+    down (under load, for a moment, they turned away the next caller as over the limit).
     """
 
     @property
     def active_associations(self) -> list[Any]:
-        return [a for a in super().active_associations if not a.is_acceptor or a.requestor.primitive is not None]
+        return [a for a in super().active_associations
+                if (not a.is_acceptor or a.requestor.primitive is not None) and not (a.is_released or a.is_aborted)]
 
 
 class PendingConnections:
