@@ -27,6 +27,7 @@ from .statuses import SUCCESS
 from .storage import PYDICOM_ONLY, StorageService
 
 log = logging.getLogger("dtools")
+LISTEN_BACKLOG = 128  # connections the kernel queues for dserve to accept
 
 
 @dataclass
@@ -152,6 +153,13 @@ class Server:
             self.indexer.error = "the indexer did not start within 60 s"
         if self.indexer.error:
             raise ConfigError(self.indexer.error + "; check --home or [index] path")
+        # socketserver listens with a backlog of 5: a burst of callers (24 dstores at once)
+        # overflowed it under load, and a connection the kernel then reset was reported as
+        # "cannot reach" although dserve would have answered. request_queue_size is the
+        # documented attribute for it (pynetdicom.transport.AssociationServer).
+        from pynetdicom.transport import ThreadedAssociationServer
+
+        ThreadedAssociationServer.request_queue_size = LISTEN_BACKLOG
         self._server = self.ae.start_server(
             (self.s.bind, self.s.port), block=False, evt_handlers=self.handlers(), ae_title=self.s.aet
         )
