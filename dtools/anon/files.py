@@ -21,7 +21,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from .. import security
-from ..dicom.archive import archive_path, fsync_dir, fsync_path
+from ..dicom.archive import archive_path, fsync_dir, fsync_path, pid_alive, syncfs
 from ..dicom.header import _looks_like_dataset_start
 from ..errors import InputError
 from .deid import Deidentifier, burned_in_reason
@@ -164,7 +164,7 @@ def remove_temporaries(out: Path, pid: int | None = None) -> int:
         owner = int(parts[1])
         if pid is not None and owner != pid:
             continue
-        if pid is None and _alive(owner):
+        if pid is None and pid_alive(owner):
             continue
         try:
             os.unlink(d / name)
@@ -174,22 +174,12 @@ def remove_temporaries(out: Path, pid: int | None = None) -> int:
     return n
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sync_tree(out: Path, files: list[str]) -> None:
     """Make ``files`` (and their directories) durable: syncfs(2) once for the whole batch, where the
     system has it, else one fsync per file and per directory."""
     if not files:
         return
-    if _syncfs(out):
+    if syncfs(out):
         return
     for p in files:
         try:
@@ -198,17 +188,3 @@ def sync_tree(out: Path, files: list[str]) -> None:
             pass
     for d in {os.path.dirname(p) for p in files}:
         fsync_dir(Path(d))
-
-
-def _syncfs(path: Path) -> bool:
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            return libc.syncfs(fd) == 0
-        finally:
-            os.close(fd)
-    except (OSError, AttributeError):
-        return False

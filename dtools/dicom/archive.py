@@ -69,6 +69,33 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def syncfs(path: Path) -> bool:
+    """syncfs(2) on the file system holding `path`: one journal commit for a whole batch.
+    False where it is not available (the caller then fsyncs file by file)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return libc.syncfs(fd) == 0
+        finally:
+            os.close(fd)
+    except (OSError, AttributeError):
+        return False
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` still runs (one of another user counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class AtomicFile:
     """A file written to a temporary name beside its target, fsynced, then renamed.
 

@@ -35,7 +35,7 @@ from typing import Any, Callable
 import orjson
 
 from .. import records, security
-from ..dicom.archive import fsync_dir, fsync_path
+from ..dicom.archive import fsync_dir, fsync_path, syncfs
 from ..errors import DtoolsError
 
 log = logging.getLogger("dtools")
@@ -143,21 +143,6 @@ class IndexWriter(threading.Thread):
             conn.close()
 
 
-def _syncfs(path: Path) -> bool:
-    """syncfs(2) on the file system holding `path`: one journal commit for a whole batch."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            return libc.syncfs(fd) == 0
-        finally:
-            os.close(fd)
-    except (OSError, AttributeError):
-        return False
-
-
 def _sync_and_rename(batch: list[tuple[Path, Any, str | None]]) -> list[tuple[Path, Any, str | None]]:
     """sync = "batch": make the batch's temporary files durable, rename them into place, make
     the renames durable. The files that could not be moved are left out (and removed)."""
@@ -181,7 +166,7 @@ def _sync_and_rename(batch: list[tuple[Path, Any, str | None]]) -> list[tuple[Pa
 
 def _sync_batch(paths: list[Path], dirs_only: bool = False) -> None:
     """Make a batch of stored files durable (sync = "batch"): syncfs, else fsync each file and directory."""
-    if paths and _syncfs(Path(paths[0]).parent):
+    if paths and syncfs(Path(paths[0]).parent):
         return
     for p in [] if dirs_only else paths:
         try:

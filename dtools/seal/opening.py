@@ -23,7 +23,7 @@ import orjson
 
 from .. import security
 from ..config import Config
-from ..dicom.archive import archive_path, fsync_dir, write_atomic
+from ..dicom.archive import archive_path, fsync_dir, pid_alive, write_atomic
 from ..errors import InputError
 from ..exchange.ledger import Ledger, ledger_path
 from . import envelope
@@ -54,16 +54,6 @@ class Replay:
     sha256: str = ""
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_stale_staging(spool: Path) -> int:
     """Remove staging directories left by a killed ``dseal --open``; returns how many."""
     n = 0
@@ -72,7 +62,7 @@ def clean_stale_staging(spool: Path) -> int:
             pid = int(d.name[len(STAGING_PREFIX):].split("-", 1)[0])
         except ValueError:
             continue
-        if pid != os.getpid() and not _pid_alive(pid):
+        if pid != os.getpid() and not pid_alive(pid):
             shutil.rmtree(d, ignore_errors=True)
             n += 1
     return n
