@@ -22,7 +22,7 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 
 from .. import security
 from ..dicom.archive import archive_path, fsync_dir, fsync_path, pid_alive, syncfs
-from ..dicom.header import _looks_like_dataset_start
+from ..dicom.walk import looks_like_dataset_start
 from ..errors import InputError
 from .deid import Deidentifier, burned_in_reason
 
@@ -51,7 +51,7 @@ def read_original(path: str) -> Dataset:
                 # no preamble: accept a bare data set (older files) the way dindex does
                 with open(path, "rb") as f:
                     head = f.read(16)
-                if len(head) >= 8 and _looks_like_dataset_start(head):
+                if len(head) >= 8 and looks_like_dataset_start(head):
                     return pydicom.dcmread(path, force=True)
                 raise InputError("not a DICOM file") from None
     except InputError:
