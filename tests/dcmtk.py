@@ -89,13 +89,21 @@ def output(proc: subprocess.Popen) -> tuple[bytes, str]:
     return bytes(proc.out), bytes(proc.err).decode("utf-8", "replace")  # type: ignore[attr-defined]
 
 
-def start_storescp(tool: str, outdir: Path, port: int, aet: str = "STORESCP", *args: str) -> subprocess.Popen:
+def start_storescp(tool: str, outdir: Path, port: int, aet: str = "STORESCP", *args: str,
+                   log: Path | None = None) -> subprocess.Popen:
+    """storescp on `port`; with `log`, its output goes to that file (for -d, which would fill a pipe)."""
     outdir.mkdir(parents=True, exist_ok=True)
     accept = [] if "-xf" in args else ["+xa"]  # an association profile says what it accepts
-    proc = subprocess.Popen(
-        [tool, *accept, "--aetitle", aet, "--output-directory", str(outdir), *args, str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=loopback_env(),  # storescp has no bind option
-    )
+    sink = open(log, "wb") if log is not None else subprocess.PIPE
+    try:
+        proc = subprocess.Popen(
+            [tool, *accept, "--aetitle", aet, "--output-directory", str(outdir), *args, str(port)],
+            stdout=sink, stderr=subprocess.STDOUT if log is not None else subprocess.PIPE,
+            env=loopback_env(),  # storescp has no bind option
+        )
+    finally:
+        if log is not None:
+            sink.close()
     wait_port(port, proc)
     return proc
 

@@ -123,7 +123,8 @@ def test_a_late_study_is_still_stored_to_the_destination(sites, tmp_path):
     _a, port = serve(ex, "site-a")
     study = ex.ok("site-b", "dsearch --level study").records[2]["StudyInstanceUID"]
     want = {r["SOPInstanceUID"] for r in ex.ok("site-b", f"dsearch StudyInstanceUID={study}").records}
-    scp = start_storescp(require_tool("storescp"), tmp_path / "moved", ex.dest_port)
+    log = tmp_path / "storescp.log"
+    scp = start_storescp(require_tool("storescp"), tmp_path / "moved", ex.dest_port, "STORESCP", "-d", log=log)
     try:
         res = run_tool(require_tool("movescu"), "-S", "-aec", "SITE_B", "-aem", "STORESCP",
                        "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}", "127.0.0.1", str(port))
@@ -140,6 +141,10 @@ def test_a_late_study_is_still_stored_to_the_destination(sites, tmp_path):
         stop(scp)
     assert moved == want
     assert ex.ok("site-a", "dstatus").records[0]["forwards_waiting"] == 0
+    # the forward came from SITE_B, as the C-MOVE's sub-operations would have
+    callers = {line.split(":", 2)[2].strip() for line in log.read_text(errors="replace").splitlines()
+               if "Calling Application Name" in line} - {""}
+    assert callers == {"SITE_B"}
 
 
 def test_a_peer_that_does_not_grant_retrieve_refuses(sites, tmp_path):
@@ -160,13 +165,15 @@ def test_a_peer_that_does_not_grant_retrieve_refuses(sites, tmp_path):
 
 def test_orthanc_finds_and_moves_from_site_b(sites, tmp_path):
     """A real PACS (Orthanc) with SITE_B as a modality: its C-FIND equals B's own dsearch, and
-    its C-MOVE of a study from SITE_B to itself lands every instance, byte for byte."""
+    its C-MOVE of a study from SITE_B to itself lands every instance, byte for byte. Orthanc
+    accepts stores only from its known modalities: the sub-operations come from SITE_B."""
     from orthanc import Orthanc
 
     ex = sites
     serve(ex, "site-b")
     port = free_port()
-    orthanc = Orthanc(tmp_path / "orthanc", modalities={"siteb": ("SITE_B", "127.0.0.1", port)})
+    orthanc = Orthanc(tmp_path / "orthanc", modalities={"siteb": ("SITE_B", "127.0.0.1", port)},
+                      DicomAlwaysAllowStore=False)
     ex.set("site-a", "dserve.destinations", "ORTHANC", f'"127.0.0.1:{orthanc.dicom_port}"')
     env = {**ex.env, "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}"}
     a = start_dserve(ex.home("site-a"), port, "--relay", "-v", env=env)

@@ -261,10 +261,11 @@ def test_findscu_bad_date_gets_a_failure_status(loaded, tmp_path, date):
 
 def test_movescu_to_storescp(loaded, tmp_path):
     out = tmp_path / "moved"
-    scp = start_storescp(require_tool("storescp"), out, loaded["dest_port"])
+    log = tmp_path / "storescp.log"
+    scp = start_storescp(require_tool("storescp"), out, loaded["dest_port"], "STORESCP", "-d", log=log)
     try:
         study = dsearch(loaded["home"], "study", "PatientID=P3")[0]
-        res = run_tool(require_tool("movescu"), "-S", "-aec", "DTOOLS", "-aem", "STORESCP",
+        res = run_tool(require_tool("movescu"), "-S", "-aet", "PACS_A", "-aec", "DTOOLS", "-aem", "STORESCP",
                        "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study['StudyInstanceUID']}",
                        "127.0.0.1", str(loaded["port"]))
         unknown = run_tool(require_tool("movescu"), "-S", "-aec", "DTOOLS", "-aem", "NOWHERE",
@@ -277,6 +278,10 @@ def test_movescu_to_storescp(loaded, tmp_path):
     got = {pydicom.dcmread(p).SOPInstanceUID for p in out.iterdir()}
     assert got == want and len(want) == 8
     assert b"MoveDestinationUnknown" in unknown.stderr + unknown.stdout
+    # each sub-operation names the C-MOVE's caller as its Move Originator (PS3.7 9.3.1.1)
+    originators = [line.split(":", 2)[2].strip() for line in log.read_text(errors="replace").splitlines()
+                   if "Move Originator AE Title" in line]
+    assert originators == ["PACS_A"] * 8
 
 
 def test_movescu_destination_down_fails(loaded):

@@ -194,7 +194,8 @@ def _forwarder(app: cli.App):
     dests = destinations(app.config)
     aet = check_aet(app.config.get("dserve.aet", DEFAULT_AET), "[dserve] aet")
     timeout = app.config.get("dserve.timeout", 60.0, type=float)
-    return lambda: run_forwards(app.config, dests, aet, timeout)
+    peer_aets = {peer: bridged for bridged, peer in bridges(app.config).items()}
+    return lambda: run_forwards(app.config, dests, aet, timeout, peer_aets)
 
 
 def bridges(config) -> dict[str, str]:

@@ -41,8 +41,12 @@ def waiting_counts(db: Any) -> dict[str, int]:
     return dict(db.execute("SELECT peer, COUNT(*) FROM forwards WHERE status = 'waiting' GROUP BY peer"))
 
 
-def run_forwards(config: Config, destinations: dict[str, Any], calling_aet: str, timeout: float = 30.0) -> int:
-    """One pass over the waiting forwards; returns how many were completed."""
+def run_forwards(config: Config, destinations: dict[str, Any], calling_aet: str, timeout: float = 30.0,
+                 peer_aets: dict[str, str] | None = None) -> int:
+    """One pass over the waiting forwards; returns how many were completed.
+
+    A peer's study goes to its destination from the peer's bridged AE title (``peer_aets``,
+    peer -> AE title), as its C-MOVE would have; otherwise from ``calling_aet``."""
     ledger = Ledger(ledger_path(config.home))
     try:
         rows = list(ledger.db.execute("SELECT * FROM forwards WHERE status = 'waiting' ORDER BY id"))
@@ -51,7 +55,7 @@ def run_forwards(config: Config, destinations: dict[str, Any], calling_aet: str,
     done = 0
     for row in rows:
         try:
-            done += _one(config, row, destinations, calling_aet, timeout)
+            done += _one(config, row, destinations, (peer_aets or {}).get(row["peer"], calling_aet), timeout)
         except Exception as exc:  # noqa: BLE001 - the relay, the destination: try again next pass
             _note(config, row["id"], "waiting", str(exc)[:200])
             log.warning("deferred forward %d to %s: %s; will try again", row["id"], row["destination"], exc)

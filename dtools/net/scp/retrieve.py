@@ -203,8 +203,12 @@ class RetrieveService:
             return r.finish()
         if dest is None:
             return self.sub_operations(r, service.assoc, items, originator=None)
-        sub = service.ae.associate(dest.host, dest.port, contexts=syntaxes.contexts({i.pair for i in items}),
-                                   ae_title=dest.aet, evt_handlers=nodelay_handlers())
+        # The sub-operations come from the AE title the caller called (dserve's own, or a bridged
+        # peer's) and name the caller as their Move Originator (PS3.7 9.3.1.1), as dcmqrscp does.
+        called = str(service.assoc.acceptor.ae_title or "").strip() or self.server.s.aet
+        sub = _requestor(service.ae, called).associate(
+            dest.host, dest.port, contexts=syntaxes.contexts({i.pair for i in items}), ae_title=dest.aet,
+            evt_handlers=nodelay_handlers())
         if not sub.is_established:
             if sub.is_aborted and sub.rejected_contexts and not sub.accepted_contexts:
                 # negotiated, but nothing usable accepted: every sub-operation fails
@@ -213,13 +217,11 @@ class RetrieveService:
                     log.error("C-MOVE: sub-operation for %s failed: %s", item.sop_instance, reason)
                     r.count(item, Outcome("failed", error=reason))
                 return r.respond(SUBOPS_FAILED, reason, failed_list=True)
-            reason = rejection(dest, service.ae.ae_title, sub) if sub.is_rejected else f"cannot reach {dest}"
+            reason = rejection(dest, called, sub) if sub.is_rejected else f"cannot reach {dest}"
             log.error("C-MOVE from %s: %s", r.calling, reason)
             return r.respond(MOVE_DESTINATION_UNKNOWN, reason, counts=False)
         try:
-            # the AE title the caller called: dserve's own, or a bridged peer's
-            called = str(service.assoc.acceptor.ae_title or "").strip() or self.server.s.aet
-            self.sub_operations(r, sub, items, originator=(called, req.MessageID))
+            self.sub_operations(r, sub, items, originator=(r.calling, req.MessageID))
         finally:
             if sub.is_established:
                 sub.release()
@@ -268,3 +270,16 @@ class RetrieveService:
             except Exception as exc:  # noqa: BLE001 - InputError, or pydicom on a damaged file
                 unreadable.append((str(row.get("SOPInstanceUID") or row["path"]), f"{row['path']}: {exc}"))
         return items, unreadable
+
+
+def _requestor(ae: Any, aet: str) -> Any:
+    """The AE that opens a C-MOVE's association to its destination: ``ae`` itself when it has
+    the AE title ``aet``, else an AE of that title with the same timeouts (a bridged peer's)."""
+    if str(ae.ae_title).strip() == aet:
+        return ae
+    from pynetdicom import AE
+
+    other = AE(ae_title=aet)
+    for attr in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout", "maximum_pdu_size"):
+        setattr(other, attr, getattr(ae, attr))
+    return other
