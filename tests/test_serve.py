@@ -438,8 +438,11 @@ def test_lane_stores_plain_requests_and_leaves_deflate_to_pynetdicom(counted, tm
         statuses.append(assoc.send_c_store(ds).Status)
     assoc.release()
     assert statuses == [0, 0, 0, 0]
-    # three went through the lane, the deflated one through pynetdicom and the handler
-    assert [str(ts) for ts in counted.handler_calls] == [DeflatedExplicitVRLittleEndian]
+    # the plain ones went through the lane, the deflated one through pynetdicom and the handler.
+    # Under load the first may come before the association thread has marked the association
+    # established (the lane is decided then): pynetdicom stores that one, which is as correct.
+    calls = [str(ts) for ts in counted.handler_calls]
+    assert calls in ([DeflatedExplicitVRLittleEndian], [ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian])
     wait_indexed(counted, 4)
     assert sorted(r["SOPInstanceUID"] for r in counted.emitted) == [f"1.2.3.9.1.{k}" for k in range(4)]
     for k in range(4):
