@@ -45,6 +45,7 @@ HEADER_FIELDS = (H_KIND, H_ENVELOPE, H_FROM, H_TO, H_PART, H_PART_SHA, H_ENV_SHA
 HEADER_ALLOWANCE = 4096
 MIN_MESSAGE_SIZE = 64 * 1024
 _LINE_RAW = 57  # 57 raw bytes -> 76 base64 characters + CRLF = 78 bytes on the wire
+_LINE = 76
 _BLOCK = _LINE_RAW * 2048
 
 _ENVELOPE_ID = re.compile(r"^[0-9a-f]{8,128}$")
@@ -107,10 +108,17 @@ def part_statement(kind: str, envelope_id: str, sender: str, to: str, part: int,
 
 
 def _b64_lines(data: bytes | memoryview) -> bytearray:
+    """Base64 in lines of 76 characters, each ending in CRLF (RFC 2045), as
+    base64.encodebytes writes them but with CRLF. Each block is encoded by one C call and
+    cut into lines by slicing: encodebytes makes a Python call per 57-byte line, which was
+    half of dmail-send's time."""
     out = bytearray()
     view = memoryview(data)
+    b2a = binascii.b2a_base64
     for start in range(0, len(view), _BLOCK):
-        out += base64.encodebytes(view[start:start + _BLOCK]).replace(b"\n", b"\r\n")
+        enc = b2a(view[start:start + _BLOCK], newline=False)
+        out += b"\r\n".join([enc[i:i + _LINE] for i in range(0, len(enc), _LINE)])
+        out += b"\r\n"
     return out
 
 
