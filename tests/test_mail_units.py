@@ -232,3 +232,12 @@ def test_ledger_opened_by_two_processes_at_once(tmp_path):
 
 def _open_ledger(path):
     Ledger(path).close()
+
+
+@pytest.mark.parametrize("n", [0, 1, 56, 57, 58, 57 * 2048 - 1, 57 * 2048, 57 * 2048 + 1, 1_000_003])
+def test_attachment_base64_is_what_encodebytes_writes_with_crlf(n):
+    """RFC 2045 lines of 76 characters, CRLF-terminated, across block boundaries too."""
+    import base64
+
+    data = os.urandom(n)
+    assert bytes(msg._b64_lines(data)) == base64.encodebytes(data).replace(b"\n", b"\r\n")
