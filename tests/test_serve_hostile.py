@@ -22,7 +22,7 @@ from pynetdicom.sop_class import Verification
 import hostile as h
 from conftest import require_tool
 from dcmtk import free_port, make_instance, output, run_tool, start_dserve, stop
-from test_serve import make_server, needs_lane, wait_indexed
+from test_serve import make_server, needs_lane, wait_established, wait_indexed
 
 pytestmark = pytest.mark.integration
 BOUND = 20.0  # seconds any single wait may take before the test fails
@@ -328,6 +328,7 @@ def test_malformed_c_store_is_answered_cannot_understand(counted, tmp_path, path
     try:
         s.sendall(h.associate_rq(contexts=((h.CT_IMAGE, (h.EXPLICIT_LE,)),), max_pdu=max_pdu))
         assert h.read_pdu(s, BOUND)[0] == h.A_ASSOCIATE_AC
+        wait_established(counted)
         command, data = malformed(case, tmp_path)
         assert h.status_of(h.c_store(s, command, data, timeout=BOUND)) == 0xC210
         # the association goes on: a good instance is stored over it
