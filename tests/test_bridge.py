@@ -196,6 +196,33 @@ def test_orthanc_finds_and_moves_from_site_b(sites, tmp_path):
     assert "to SITE_B (site-b, bridged)" in log and "asking site-b for 1 stud(ies)" in log
 
 
+def test_a_relay_that_refuses_the_login_is_a_status_not_an_abort(sites, tmp_path):
+    """A careless admin's wrong relay password at site A: C-MOVE, C-GET and a live C-FIND to
+    SITE_B end with 0xA701 and the reason, on an association that goes on; nothing is deferred."""
+    ex = sites
+    port = free_port()
+    env = {**ex.env, "DTOOLS_RELAY_PASSWORD": "wrong", "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}"}
+    a = start_dserve(ex.home("site-a"), port, env=env)
+    ex.procs.append(a)  # type: ignore[attr-defined]
+    study = ex.ok("site-b", "dsearch --level study").records[0]["StudyInstanceUID"]
+    move = run_tool(require_tool("movescu"), "-v", "-S", "-aec", "SITE_B", "-aem", "STORESCP",
+                    "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}", "127.0.0.1", str(port))
+    get = run_tool(require_tool("getscu"), "-v", "-S", "-aec", "SITE_B", "-od", str(tmp_path),
+                   "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}", "127.0.0.1", str(port))
+    find = run_tool(require_tool("findscu"), "-v", "-S", "-aec", "SITE_B", "-k", "QueryRetrieveLevel=IMAGE",
+                    "-k", f"StudyInstanceUID={study}", "-k", "SeriesInstanceUID=1.2.3", "-k", "SOPInstanceUID",
+                    "127.0.0.1", str(port))
+    for res in (move, get):
+        out = (res.stdout + res.stderr).decode()
+        assert "OutOfResourcesNumberOfMatches" in out and "Releasing Association" in out, out
+    out = (find.stdout + find.stderr).decode()
+    assert "0xa701" in out.lower() and "Releasing Association" in out, out
+    stop(a)
+    log = bytes(a.err).decode()
+    assert log.count("cannot ask site-b:") == 3, log
+    assert ex.ok("site-a", "dstatus").records[0]["forwards_waiting"] == 0
+
+
 def dataset_bytes(raw: bytes) -> bytes:
     """A DICOM file's data set, without preamble and file meta."""
     assert raw[128:132] == b"DICM"

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from pydicom.dataset import Dataset
 
-from ...errors import DtoolsError
+from ...errors import ConfigError, DtoolsError, RemoteError, TempFailure
 from .query import LEVELS, identifier_keys, model_of, query_level, response
 from .retrieve import Request
 from .statuses import (
@@ -42,6 +42,7 @@ TICK = 5.0  # seconds between Pending responses while a peer's study is on its w
 NOT_DELIVERED = 0xA702  # Refused: Out of Resources - Unable to perform sub-operations
 PEER_REFUSED = 0xC001  # Failed: Unable to process (the peer refused: no grant, expired...)
 PEER_SILENT = 0xA701  # C-FIND: Out of Resources (the peer did not answer within the DIMSE timeout)
+RELAY_FAILED = 0xA701  # Out of Resources: the request could not be sent (relay unreachable, refused the login)
 
 
 class Bridge:
@@ -88,6 +89,10 @@ class Bridge:
         except _PeerRefused as exc:
             log.error("C-FIND to %s from %s: %s", aet, calling, exc)
             yield status(PEER_REFUSED, str(exc)), None
+            return
+        except (RemoteError, TempFailure, ConfigError) as exc:
+            log.error("C-FIND to %s from %s: cannot ask %s: %s", aet, calling, peer, exc)
+            yield status(RELAY_FAILED, f"cannot ask {peer}: {exc}"), None
             return
         except DtoolsError as exc:
             log.error("C-FIND to %s from %s refused: a key value cannot be understood", aet, calling)
@@ -162,7 +167,14 @@ class Bridge:
                  level, peer, len(studies), len(series), f" for {dest}" if dest else "")
         if not studies and not series:
             return r.finish()  # nothing in the peer's catalog matches: no sub-operations
-        outcome = self.fetch(r, peer, studies, series)
+        try:
+            outcome = self.fetch(r, peer, studies, series)
+        except Exception as exc:  # noqa: BLE001 - the relay unreachable, its password wrong, a full disk
+            if r.request_id is None:  # the request never left: nothing will come
+                return r.refuse(RELAY_FAILED, f"cannot ask {peer}: {exc}")
+            # it left: the study may still come, and a deferred forward stores it on
+            log.error("%s to %s: %s while waiting for %s", r.what, aet, exc, peer)
+            outcome = "late"
         if outcome == "refused":
             return
         if outcome == "late":
