@@ -62,6 +62,19 @@ class App:
         if "logging" in sys.modules:
             self.log
 
+    def override(self, home: str | None, config: str | None, quiet: bool, verbose: int, debug: bool) -> None:
+        """The common options given after a subcommand (``dseal keygen NAME --home DIR``), which
+        say the same as before it. Settings are read lazily, so nothing has used the old ones."""
+        if self._config is not None and (home or config):
+            raise UsageError("give --home and --config once, before the subcommand")
+        self._home = home or self._home
+        self._config_file = config or self._config_file
+        self.quiet = self.quiet or quiet
+        self.verbose += verbose
+        self.debug = self.debug or debug
+        if self._log is not None and (quiet or verbose or debug):
+            _setup_logging(self.prog, self.quiet, self.verbose, self.debug)
+
     @property
     def log(self) -> Any:
         """The "dtools" logger, writing ``prog: message`` lines to stderr."""
@@ -195,6 +208,21 @@ class Group(_Utf8Checked, click.Group):
 
 
 Group.group_class = Group
+
+
+def subcommand_options(f: Callable) -> Callable:
+    """The common options on a subcommand too, applied to the App its group made."""
+    import functools
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, home: str | None = None, config: str | None = None, quiet: bool = False,
+                verbose: int = 0, debug: bool = False, **kwargs: Any) -> Any:
+        app = click.get_current_context().find_object(App)
+        if app is not None:
+            app.override(home, config, quiet, verbose, debug)
+        return f(*args, **kwargs)
+
+    return common_options(wrapper)
 
 
 def command(prog: str, **kwargs: Any) -> Callable[[Callable], click.Command]:

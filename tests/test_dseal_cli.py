@@ -374,3 +374,18 @@ def test_terminated_or_killed_seal_leaves_no_envelope(sites, tmp_path):
     assert r.returncode == 0
     assert not stale.exists()
     assert [p.name for p in outbox.glob("*dtenv*")] == [r.records[0]["envelope_id"] + ".dtenv"]
+
+
+def test_common_options_may_follow_a_subcommand(tmp_path):
+    """'dseal keygen NAME --home DIR', as an admin types it, works like '--home DIR keygen NAME'."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    line_b = run("dseal", "keygen", "site-b", "--home", str(b), "-q")
+    assert line_b.returncode == 0 and line_b.stderr == "", line_b.stderr
+    assert run("dseal", "keygen", "site-a", "--home", str(a)).returncode == 0
+    added = run("dseal", "peers", "add", "site-b", line_b.stdout.decode().strip(), "--home", str(a))
+    assert added.returncode == 0, added.stderr
+    granted = run("dseal", "peers", "--home", str(a), "grant", "site-b", "share", "-q")
+    assert granted.returncode == 0 and granted.stderr == "", granted.stderr
+    listed = run("dseal", "peers", "--home", str(a))
+    assert "site-b" in listed.stdout.decode() and "share" in listed.stdout.decode()
+    assert (b / "keys" / "ed25519.key").exists() and (a / "keys" / "ed25519.key").exists()

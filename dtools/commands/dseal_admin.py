@@ -25,6 +25,7 @@ def register(group: click.Group) -> None:
 @click.argument("name")
 @click.option("--force", is_flag=True,
               help="Replace an existing identity, and the [site] name in config.toml (peers must then update theirs).")
+@cli.subcommand_options
 def keygen(name, force):
     """Create this site's identity (X25519 + Ed25519) in HOME/keys, write [site] name into
     config.toml if it has none, and print the public line."""
@@ -55,6 +56,7 @@ def _set_site_name(doc, name: str) -> bool:
 
 @click.group("peers", cls=cli.Group, context_settings=cli.CONTEXT_SETTINGS, invoke_without_command=True,
              subcommand_metavar="[add NAME IDENTITY | grant NAME GRANT...]")
+@cli.subcommand_options
 @click.pass_context
 def peers_cmd(ctx):
     """List this site and the known peers with their fingerprints and grants; 'add' adds a
@@ -85,6 +87,7 @@ def peers_cmd(ctx):
 @click.option("--force", is_flag=True, help="Replace the keys of a peer that is known already (it made new keys).")
 @click.option("--rename", is_flag=True,
               help="Know the peer as NAME although its identity names it otherwise.")
+@cli.subcommand_options
 def peers_add(name, identity, force, rename):
     """Add a peer to config.toml: [peers.NAME] identity = IDENTITY, the line that
     'dseal keygen' printed at that site. The rest of the file is kept as it is."""
@@ -134,6 +137,7 @@ def peers_add(name, identity, force, rename):
 @click.argument("name")
 @click.argument("grants", nargs=-1, required=True, metavar="share|query|retrieve...")
 @click.option("--revoke", is_flag=True, help="Take these grants back instead.")
+@cli.subcommand_options
 def peers_grant(name, grants, revoke):
     """Grant peer NAME (or take back, with --revoke) what it may have of this site's archive:
     share (send it the catalog), query (answer its live queries), retrieve (send it the
