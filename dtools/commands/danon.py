@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import os
 import queue
-import signal
 import threading
 import time
-from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import click
@@ -31,7 +28,8 @@ from ..anon.profile import Options, Profile, keep_tags, load_table
 from ..anon.pseudo import Keyring, load_keyring
 from ..config import SUBDIRS
 from ..errors import InputError, TempFailure, UsageError
-from .dindex import _FORK_SIGNALS, IDLE, Walker, _stdin_records, _worker_init
+from ..workers import Chunks, worker_init
+from .dindex import IDLE, Walker, _stdin_records
 
 CHUNK = 32  # files per task sent to a worker
 BATCH = 500  # files made durable and printed together
@@ -42,7 +40,7 @@ _STATE: tuple | None = None
 
 
 def _init(parent: int, profile: Profile, key: bytes, out: str, allow_burned_in: bool) -> None:
-    _worker_init(parent)
+    worker_init(parent)
     _setup(parent, profile, key, out, allow_burned_in)
 
 
@@ -78,10 +76,9 @@ class Run:
         self.keyring = keyring
         self.init_args = init_args
         self.jobs = jobs
-        self.pool: ProcessPoolExecutor | None = None
+        self.chunks = Chunks(jobs, _init, init_args)
         self.pending: list[str] = []
         self.waiting: set[str] = set()  # offered and not yet staged: the same path twice is done once
-        self.inflight: deque[tuple[list[str], Future]] = deque()
         self.batch: list[tuple[str, Written]] = []
         self.batch_started = time.monotonic()
         self.written = self.duplicates = self.no_patient_id = 0
@@ -106,25 +103,12 @@ class Run:
         items, self.pending = self.pending, []
         if not items:
             return
-        if self.jobs > 1:
-            if self.pool is None:
-                self.pool = ProcessPoolExecutor(max_workers=self.jobs, initializer=_init, initargs=self.init_args)
-            # the pool forks inside submit; hold Ctrl-C and SIGTERM until it is done (see dindex)
-            old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_SIGNALS)
-            try:
-                fut = self.pool.submit(_chunk, items)
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        else:
-            fut = Future()
-            fut.set_result(_chunk(items))
-        self.inflight.append((items, fut))
-        while len(self.inflight) > 2 * self.jobs:
+        self.chunks.submit(_chunk, items, items)
+        while self.chunks.full:
             self._collect_one()
 
     def _collect_one(self) -> None:
-        items, fut = self.inflight.popleft()
-        results = fut.result()
+        items, results = self.chunks.next()
         for path, result in zip(items, results):
             self.advance()
             self.waiting.discard(path)
@@ -141,7 +125,7 @@ class Run:
     def drain(self) -> None:
         """Everything offered so far is in place and printed (or failed) when this returns."""
         self._dispatch()
-        while self.inflight:
+        while self.chunks:
             self._collect_one()
         self.commit()
         self.handed.join()
@@ -226,9 +210,7 @@ class Run:
         """Stop the workers and the committer; a batch being committed is finished, the others'
         temporary files are left for the caller to remove."""
         self.stopping = True
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            self.pool = None
+        self.chunks.close()
         if self.committer is not None:
             self.handed.put(None)
             self.committer.join()

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import os
 import select
-import signal
 import stat
 import sys
 import time
-from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Iterator
 
 import click
@@ -23,6 +20,7 @@ from ..dicom.header import read_header
 from ..errors import InputError
 from ..index.db import db_path, from_db_path, open_index
 from ..index.ingest import INDEX_KEYS, Indexer
+from ..workers import Chunks, worker_init
 
 CHUNK = 64  # files per task sent to a worker
 BATCH = 2000  # files per transaction
@@ -31,27 +29,6 @@ IDLE = object()  # stdin has nothing to read right now: commit what we have
 
 
 # -- worker side ---------------------------------------------------------------------
-_FORK_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
-def _worker_init(parent: int) -> None:
-    # Ctrl-C and SIGTERM are the parent's to handle; it shuts the pool down.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_SIGNALS)  # blocked by the parent around fork
-    # A parent killed with SIGKILL cannot shut the pool down: die with it instead of
-    # waiting forever for work (Linux; elsewhere the pool's own checks apply).
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:
-        os._exit(1)
-
-
 def _parse_chunk(items: list[tuple[str, int]]) -> list:
     out = []
     for path, size in items:
@@ -189,10 +166,9 @@ class Run:
         self.app = app
         self.ix = indexer
         self.jobs = jobs
-        self.pool: ProcessPoolExecutor | None = None
+        self.chunks = Chunks(jobs, worker_init, (os.getpid(),))
         self.pending: list[tuple[str, os.stat_result, dict | None, tuple | None]] = []  # not yet sent to a worker
         self.waiting: set[str] = set()  # paths offered and not yet written
-        self.inflight: deque[tuple[list, Future]] = deque()
         self.out: list[dict] = []  # records waiting for their batch to commit
         self.batch_started = time.monotonic()
         self.indexed = self.unchanged = 0
@@ -230,26 +206,12 @@ class Run:
         items, self.pending = self.pending, []
         if not items:
             return
-        if self.jobs > 1:
-            if self.pool is None:
-                self.pool = ProcessPoolExecutor(max_workers=self.jobs, initializer=_worker_init, initargs=(os.getpid(),))
-            # The pool forks inside submit. A signal handler that raises there lands in
-            # logging's fork hooks, which swallow the exception: hold signals until after.
-            old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_SIGNALS)
-            try:
-                fut = self.pool.submit(_parse_chunk, [(p, st.st_size) for p, st, _, _ in items])
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        else:
-            fut = Future()
-            fut.set_result(_parse_chunk([(p, st.st_size) for p, st, _, _ in items]))
-        self.inflight.append((items, fut))
-        while len(self.inflight) > 2 * self.jobs:
+        self.chunks.submit(_parse_chunk, items, [(p, st.st_size) for p, st, _, _ in items])
+        while self.chunks.full:
             self._collect_one()
 
     def _collect_one(self) -> None:
-        items, fut = self.inflight.popleft()
-        results = fut.result()
+        items, results = self.chunks.next()
         for (path, st, extra, row), header in zip(items, results):
             self.advance()
             self.waiting.discard(path)
@@ -268,7 +230,7 @@ class Run:
 
     def drain(self) -> None:
         self._dispatch()
-        while self.inflight:
+        while self.chunks:
             self._collect_one()
         self.commit()
 
@@ -280,9 +242,7 @@ class Run:
             self.app.emit(rec)
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            self.pool = None
+        self.chunks.close()
 
 
 def _duplicate_reporter(app: cli.App):
