@@ -28,17 +28,18 @@ COLS, ROWS = 120, 40
 BAR = "━"
 
 
-def run_on_terminal(command: str, env: dict, timeout: float = 120) -> tuple[int, list[list[str]], list[str]]:
+def run_on_terminal(command: str, env: dict, timeout: float = 120, cols: int = COLS,
+                    rows: int = ROWS) -> tuple[int, list[list[str]], list[str]]:
     """Run ``sh -c command`` with stdin, stdout and stderr on a new pty.
 
     Returns the exit status, the screens seen after each chunk of output, and the final screen.
     """
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLS, 0, 0))
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
     proc = subprocess.Popen(["sh", "-c", command], stdin=slave, stdout=slave, stderr=slave, env=env,
                             start_new_session=True)
     os.close(slave)
-    screen = pyte.Screen(COLS, ROWS)
+    screen = pyte.Screen(cols, rows)
     stream = pyte.ByteStream(screen)
     screens = []
     deadline = time.monotonic() + timeout
@@ -119,3 +120,23 @@ def test_dindex_shows_a_total_when_it_walks_directories(two_sites):
     bars = [line for s in screens for line in s if BAR in line and "indexing" in line]
     assert bars, "no indexing bar was drawn"
     assert any("/96" in line for line in bars), bars  # done/total with the walked total
+
+
+def test_dstatus_table_fits_an_80_column_terminal(two_sites, tmp_path):
+    """Fourteen columns do not fit 80: the table turns, one row per state and a column per
+    peer, and every figure and peer name shows whole."""
+    a, _b, _data, env = two_sites
+    for name in ("site-c", "site-d", "site-e"):
+        line = run("dseal", "--home", str(tmp_path / name), "keygen", name).stdout.decode().strip()
+        assert run("dseal", "--home", str(a), "peers", "add", name, line).returncode == 0
+    code, _screens, final = run_on_terminal(f"dstatus --home {a} --table", env, cols=80, rows=30)
+    assert code == 0
+    text = "\n".join(final)
+    assert "…" not in text, text
+    header = next(line for line in final if "site-b" in line)
+    assert all(p in header for p in ("site-b", "site-c", "site-d", "site-e")), text
+    from dtools.commands.dstatus import TABLE_COLUMNS
+
+    for _key, title in TABLE_COLUMNS[1:]:
+        assert any(line.strip("│ ").startswith(title) for line in final), (title, text)
+    assert max(len(line) for line in final) <= 80

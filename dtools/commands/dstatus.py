@@ -138,19 +138,39 @@ def _age(seconds: float | None) -> str:
 
 
 def _table(rows: list[dict], site: str) -> None:
+    """One row per peer when that fits the terminal; otherwise one row per state and a column
+    per peer (as many tables as it takes), so an 80-column terminal shows every figure."""
     from rich.console import Console
+    from rich.measure import Measurement
     from rich.table import Table
 
-    t = Table(title=f"{site}: exchange with its peers", show_lines=False)
-    for _key, title in TABLE_COLUMNS:
-        t.add_column(title, justify="left" if _key == "peer" else "right")
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    title = f"{site}: exchange with its peers"
+    names = []
     for r in rows:
         name = r["peer"] if r["peer"] is not None else "(unknown sender)"
-        if not r["configured"]:
-            name += " (not configured)"
-        cells = [name] + [(_age(r[k]) if k == "oldest_awaiting_s" else str(r[k])) for k, _ in TABLE_COLUMNS[1:]]
-        t.add_row(*cells)
-    Console(width=None if sys.stdout.isatty() else 200).print(t)
+        names.append(name + ("" if r["configured"] else " (not configured)"))
+    cells = [[(_age(r[k]) if k == "oldest_awaiting_s" else str(r[k])) for k, _ in TABLE_COLUMNS[1:]] for r in rows]
+    wide = Table(title=title)
+    for key, head in TABLE_COLUMNS:
+        wide.add_column(head, justify="left" if key == "peer" else "right", no_wrap=True)
+    for name, row in zip(names, cells):
+        wide.add_row(name, *row)
+    if Measurement.get(console, console.options.update_width(10_000), wide).maximum <= console.width or not rows:
+        console.print(wide)
+        return
+    label = max(len(head) for _, head in TABLE_COLUMNS[1:])
+    column = max(max(len(n) for n in names), max(len(c) for row in cells for c in row))
+    per_table = max(1, (console.width - label - 4) // (column + 3))
+    console.print(title, style="italic", justify="left")
+    for start in range(0, len(rows), per_table):
+        tall = Table()
+        tall.add_column("", no_wrap=True)
+        for name in names[start:start + per_table]:
+            tall.add_column(name, justify="right", no_wrap=True)
+        for i, (_key, head) in enumerate(TABLE_COLUMNS[1:]):
+            tall.add_row(head, *(row[i] for row in cells[start:start + per_table]))
+        console.print(tall)
 
 
 main = cli.entry(cmd)
