@@ -783,3 +783,39 @@ def test_the_indexer_does_not_run_code_from_the_working_directory(tmp_path, monk
     finally:
         srv.shutdown(2)
     assert not marker.exists()
+
+
+def test_a_fast_rejection_is_reported_as_a_rejection(tmp_path, monkeypatch):
+    """dserve --allow rejects as soon as the calling AE title is in. When the requesting
+    thread looks at the connection only after the DUL has sent the request, read the
+    A-ASSOCIATE-RJ and closed the socket (as under load), pynetdicom 3.0 reports an abort;
+    dstore must still say it was rejected, and why (fault 10: 'cannot reach' under load)."""
+    import threading
+
+    from pynetdicom import transport
+
+    from dtools.errors import RemoteError
+    from dtools.net.scu import StoreSession
+
+    class LateEvent(threading.Event):
+        def wait(self, timeout=None):
+            got = super().wait(timeout)
+            time.sleep(0.3)  # descheduled, as a loaded machine does
+            return got
+
+    init = transport.AssociationSocket.__init__
+
+    def late_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self._ready = LateEvent()
+        if getattr(self, "_is_connected", False):
+            self._ready.set()
+
+    srv = make_server(tmp_path, allow=["SOMEONE"])
+    try:
+        monkeypatch.setattr(transport.AssociationSocket, "__init__", late_init)
+        session = StoreSession(Peer("DTOOLS", "127.0.0.1", srv.s.port), "STRANGER", timeout=10)
+        with pytest.raises(RemoteError, match="rejected the association: calling AE title 'STRANGER' not recognised"):
+            session.open([inspect(make_instance(tmp_path / "a.dcm"))])
+    finally:
+        srv.shutdown(2)

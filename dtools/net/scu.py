@@ -22,6 +22,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, Exp
 from ..errors import InputError, RemoteError
 from . import syntaxes
 from .common import Peer, nodelay_handlers, quiet_pynetdicom
+from .internals.requestor import recover_rejection
 from .transcode import ConversionError, convert, name
 
 log = logging.getLogger("dtools")
@@ -177,6 +178,7 @@ class StoreSession:
             ae_title=self.peer.aet, evt_handlers=nodelay_handlers(),
         )
         if not assoc.is_established:
+            recover_rejection(assoc)
             if assoc.is_rejected:
                 raise RemoteError(rejection(self.peer, self.ae.ae_title, assoc))
             if assoc.is_aborted and getattr(assoc, "rejected_contexts", None) and not assoc.accepted_contexts:

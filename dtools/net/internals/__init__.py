@@ -15,6 +15,9 @@ installs them. What would make each unnecessary upstream is in the note at its e
   incomplete C-STORE requests (an empty SOP Instance UID) answered 0xC210 instead of
   being ignored until the peer gives up and aborts.
 - Here: the acceptor's presentation contexts are not deep-copied per association.
+- `requestor`: an A-ASSOCIATE-RJ that arrives before the requesting thread has looked at
+  the connection is reported as a rejection, not as a failed connection (dstore, C-MOVE).
+  It only reads what pynetdicom left behind; called after every association request.
 - `acceptor`: the transfer syntax a context is accepted in (the caller's order), and
   C-MOVE/C-GET served by dserve itself (stored bytes sent as they are, its own statuses).
   Unlike the pieces above, dserve's retrieve needs it: on a pynetdicom without the
@@ -78,3 +81,6 @@ def tune_pynetdicom(poll: float = POLL) -> None:
 #     encoding non-ASCII UIDs in responses without failing.
 #  6. A documented hook for whole received PDUs (for the C-STORE lane), and no deepcopy of
 #     the supported contexts per association.
+#  7. ACSE._negotiate_as_requestor deciding whether the connection failed from the
+#     T_CONNECT result (or waiting for the response whenever the request was sent), not
+#     from socket._is_connected, which a fast A-ASSOCIATE-RJ has already reset (requestor).

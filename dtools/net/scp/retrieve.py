@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset
 from ...errors import DtoolsError
 from .. import syntaxes
 from ..common import nodelay_handlers
+from ..internals.requestor import recover_rejection
 from ..scu import Item, Outcome, inspect, rejection, send
 from .query import element_text, model_of, query_level
 from .statuses import (
@@ -210,6 +211,7 @@ class RetrieveService:
             dest.host, dest.port, contexts=syntaxes.contexts({i.pair for i in items}), ae_title=dest.aet,
             evt_handlers=nodelay_handlers())
         if not sub.is_established:
+            recover_rejection(sub)
             if sub.is_aborted and sub.rejected_contexts and not sub.accepted_contexts:
                 # negotiated, but nothing usable accepted: every sub-operation fails
                 reason = f"{dest} accepts none of the contexts proposed"
