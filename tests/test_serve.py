@@ -819,3 +819,21 @@ def test_a_fast_rejection_is_reported_as_a_rejection(tmp_path, monkeypatch):
             session.open([inspect(make_instance(tmp_path / "a.dcm"))])
     finally:
         srv.shutdown(2)
+
+
+def test_a_rejected_connection_leaves_no_thread_behind(tmp_path):
+    """Each association rejected for its calling AE title (--allow) ends its threads at once,
+    not after the ACSE timeout: a modality retrying every second must not pile them up."""
+    from pynetdicom import AE as StockAE
+
+    srv = make_server(tmp_path, allow=["SOMEONE"], timeout=30)
+    try:
+        for _ in range(5):
+            assoc = scu(CTImageStorage).associate("127.0.0.1", srv.s.port, ae_title="DTOOLS")
+            assert assoc.is_rejected
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and StockAE.active_associations.fget(srv.ae):
+            time.sleep(0.05)
+        assert StockAE.active_associations.fget(srv.ae) == []
+    finally:
+        srv.shutdown(2)

@@ -145,8 +145,14 @@ def _bound_sends(raw: socket.socket, seconds: float) -> None:
 
 def _wake_acceptor(dul: Any) -> None:
     """An acceptor's association thread waits ACSE-timeout seconds for an A-ASSOCIATE-RQ even
-    after the connection is gone: end its wait now (None is what its timeout returns)."""
-    if dul.assoc.is_acceptor and dul.state_machine.current_state == "Sta2":
+    after the connection is gone: end its wait now (None is what its timeout returns).
+
+    Sta1 too: a request read before the reactor has processed Evt5 (the connection) is
+    rejected and closed while the state machine is still in Sta1; those threads used to
+    wait out the ACSE timeout, one per rejected connection."""
+    assoc = dul.assoc
+    if (assoc.is_acceptor and dul.state_machine.current_state in ("Sta1", "Sta2")
+            and assoc.requestor.primitive is None and not dul.to_user_queue.qsize()):
         dul.to_user_queue.put(None)
 
 
