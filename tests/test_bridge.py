@@ -43,7 +43,7 @@ def sites(tmp_path, dovecot, request):
     ex.receive("site-a")  # A's receive job applies it
     ex.dest_port = free_port()  # type: ignore[attr-defined]
     ex.set("site-a", "peers.site-b", "aet", '"SITE_B"')
-    ex.set("site-a", "dserve", "bridge_wait", '"20s"')
+    ex.set("site-a", "dserve", "bridge_wait", '"60s"')  # a refusal or a study comes sooner; a loaded CI may need it
     ex.set("site-a", "dserve", "publish_interval", "1")
     ex.set("site-a", "dserve.destinations", "STORESCP", f'"127.0.0.1:{ex.dest_port}"')
     procs: list[subprocess.Popen] = []
