@@ -41,8 +41,12 @@ log = logging.getLogger("dtools")
 TICK = 5.0  # seconds between Pending responses while a peer's study is on its way
 NOT_DELIVERED = 0xA702  # Refused: Out of Resources - Unable to perform sub-operations
 PEER_REFUSED = 0xC001  # Failed: Unable to process (the peer refused: no grant, expired...)
-PEER_SILENT = 0xA701  # C-FIND: Out of Resources (the peer did not answer within the DIMSE timeout)
-RELAY_FAILED = 0xA701  # Out of Resources: the request could not be sent (relay unreachable, refused the login)
+# C-FIND's Refused: Out of Resources (PS3.4 C.4.1.1.4): the peer did not answer within the
+# DIMSE timeout, or the question could not be sent (relay unreachable, refused the login)
+FIND_UNANSWERED = OUT_OF_RESOURCES
+# C-MOVE/C-GET's Refused: Out of Resources - Unable to calculate number of matches: the
+# request could not be sent, so nothing is known of the peer's matches
+RELAY_FAILED = 0xA701
 
 
 class Bridge:
@@ -84,7 +88,7 @@ class Bridge:
             rows = self._live(peer, LEVELS[level], keys) if live else self._catalog(peer, LEVELS[level], keys)
         except _PeerSilent as exc:
             log.error("C-FIND to %s from %s: %s", aet, calling, exc)
-            yield status(PEER_SILENT, str(exc)), None
+            yield status(FIND_UNANSWERED, str(exc)), None
             return
         except _PeerRefused as exc:
             log.error("C-FIND to %s from %s: %s", aet, calling, exc)
@@ -92,7 +96,7 @@ class Bridge:
             return
         except (RemoteError, TempFailure, ConfigError) as exc:
             log.error("C-FIND to %s from %s: cannot ask %s: %s", aet, calling, peer, exc)
-            yield status(RELAY_FAILED, f"cannot ask {peer}: {exc}"), None
+            yield status(FIND_UNANSWERED, f"cannot ask {peer}: {exc}"), None
             return
         except DtoolsError as exc:
             log.error("C-FIND to %s from %s refused: a key value cannot be understood", aet, calling)
